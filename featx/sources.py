@@ -1,0 +1,266 @@
+"""Image sources: where images come from and how each becomes an RGB tensor.
+
+A source is a list of items with an id, a label (-1 when unlabeled) and a way to open the
+item as a PIL image.  :class:`Decoded` wraps a source as a torch Dataset yielding uint8
+tensors; a decode error is returned as a value (never raised inside a DataLoader worker,
+never replaced by a neighbouring image), so rows stay aligned with their ids.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from featx.backbones import Preprocess
+from featx.errors import FeatxError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a gray smear
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+
+
+class Source:
+    """Base class: ``ids``, ``labels`` (int64, -1 = unlabeled), ``classes``, ``open(i)``."""
+
+    ids: list[str]
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def open(self, i: int) -> Image.Image:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class FileSource(Source):
+    """Items that are image files on disk."""
+
+    def __init__(self, root: Path, paths: list[str], labels: list[int], classes: list[str], kind: dict):
+        self.root, self.ids, self.classes = root, paths, classes
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._kind = kind
+
+    def open(self, i: int) -> Image.Image:
+        return Image.open(self.root / self.ids[i])
+
+    def describe(self) -> dict:
+        return {**self._kind, "n_items": len(self)}
+
+
+def folder_source(root: str | os.PathLike, split: str | None = None) -> FileSource:
+    """An image folder: one subfolder per class, or images directly inside (label -1).
+
+    Args:
+        root: the data folder given on the command line; ids are relative to it.
+        split: a subfolder of ``root`` (train, val, test...) to read instead of ``root``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FeatxError(f"data folder {root} does not exist.")
+    base = root / split if split else root
+    if not base.is_dir():
+        have = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise FeatxError(f"split {split!r} not found in {root}; its subfolders are: {', '.join(have) or 'none'}.")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    paths, labels = [], []
+    if classes:
+        for c, name in enumerate(classes):
+            for dirpath, dirnames, files in os.walk(base / name):
+                dirnames.sort()
+                for f in sorted(files):
+                    if _is_image(f):
+                        paths.append((Path(dirpath) / f).relative_to(root).as_posix())
+                        labels.append(c)
+    else:
+        for f in sorted(os.listdir(base)):
+            if _is_image(f) and (base / f).is_file():
+                paths.append((base / f).relative_to(root).as_posix())
+                labels.append(-1)
+    if not paths:
+        raise FeatxError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {base}.")
+    kind = {"type": "folder", "root": str(root.resolve()), "split": split}
+    return FileSource(root, paths, labels, classes, kind)
+
+
+def list_source(path: str | os.PathLike) -> FileSource:
+    """A CSV/TSV list ``path[,label]``, paths relative to the list file; a header row is optional."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8-sig")
+    delim = "\t" if path.suffix.lower() in (".tsv", ".tab") or ("\t" in text.split("\n", 1)[0]) else ","
+    rows = [r for r in csv.reader(io.StringIO(text), delimiter=delim) if r and r[0].strip()]
+    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
+        rows = rows[1:]
+    if not rows:
+        raise FeatxError(f"list {path} names no images.")
+    names = [r[1].strip() if len(r) > 1 and r[1].strip() != "" else None for r in rows]
+    classes = sorted({n for n in names if n is not None})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[n] if n is not None else -1 for n in names]
+    kind = {"type": "list", "path": str(path.resolve())}
+    return FileSource(path.parent, [r[0].strip() for r in rows], labels, classes, kind)
+
+
+def files_source(paths: list[str]) -> FileSource:
+    """Single files named on the command line (no labels)."""
+    return FileSource(Path("."), list(paths), [-1] * len(paths), [], {"type": "files"})
+
+
+class TorchvisionSource(Source):
+    """A torchvision data set such as CIFAR10 or FashionMNIST, by name."""
+
+    def __init__(self, name: str, root: str, split: str = "train", download: bool = True):
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, name, None)
+        if cls is None or not isinstance(cls, type):
+            raise FeatxError(f"torchvision has no data set {name!r} (try CIFAR10, FashionMNIST, SVHN...).")
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        kwargs = {}
+        if "train" in params:
+            if split not in ("train", "test"):
+                raise FeatxError(f"{name} has splits 'train' and 'test', not {split!r}.")
+            kwargs["train"] = split == "train"
+        elif "split" in params:
+            kwargs["split"] = split
+        try:
+            # download=True only downloads what is missing: offline, files already under
+            # root are used as they are.
+            self.ds = cls(root, download=download, **kwargs)
+        except Exception as e:
+            raise FeatxError(
+                f"could not load torchvision:{name} from {root} and could not download it ({str(e).splitlines()[0]})."
+            ) from None
+        targets = getattr(self.ds, "targets", None)
+        if targets is None:
+            targets = getattr(self.ds, "labels", None)
+        if targets is None:
+            targets = [self.ds[i][1] for i in range(len(self.ds))]
+        self.labels = np.asarray(targets, dtype=np.int64)
+        self.classes = [str(c) for c in getattr(self.ds, "classes", sorted(set(self.labels.tolist())))]
+        self.ids = [f"{split}/{i}" for i in range(len(self.ds))]
+        self._desc = {"type": "torchvision", "name": name, "root": str(Path(root).resolve()), "split": split}
+
+    def open(self, i: int) -> Image.Image:
+        img = self.ds[i][0]
+        return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+
+    def describe(self) -> dict:
+        return {**self._desc, "n_items": len(self)}
+
+
+def open_source(data: str, split: str | None = None, root: str | None = None) -> Source:
+    """Pick the source type from the DATA argument: ``torchvision:NAME``, a list file or a folder."""
+    if data.startswith("torchvision:"):
+        return TorchvisionSource(data.split(":", 1)[1], root or "data", split or "train")
+    p = Path(data)
+    if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".txt", ".tab"):
+        if split:
+            raise FeatxError("--split applies to folders and torchvision data sets, not to lists.")
+        return list_source(p)
+    if p.is_file() and _is_image(p.name):
+        return files_source([data])
+    return folder_source(p, split)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB: EXIF orientation applied, alpha composited on white,
+    16-bit and float images scaled (not clipped) to 8 bits, CMYK/palette/gray converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and a.max() > 255):
+            a = a / 257.0  # 16-bit range -> 8-bit range
+        elif img.mode == "F" and a.max() <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+@dataclass
+class Decoded(torch.utils.data.Dataset):
+    """Dataset over a source yielding ``(uint8 CHW tensor | None, index, error | None)``.
+
+    Normalisation is left to the consumer, which does it once per batch on the device;
+    shipping uint8 between processes is also 4x cheaper than float32.
+    """
+
+    source: Source
+    pre: Preprocess
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, i: int) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = self.source.open(i)
+            w, h = img.size
+            if w * h > self.max_pixels:
+                raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds the limit of {self.max_pixels}")
+            if self.pre.jpeg_draft and img.format == "JPEG":
+                # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying >= the target size
+                img.draft("RGB", (self.pre.resize, self.pre.resize))
+            img.load()
+        img = to_rgb(img)
+        if self.pre.grayscale:
+            img = img.convert("L").convert("RGB")
+        interp = InterpolationMode(self.pre.interpolation)
+        img = TF.resize(img, self.pre.resize, interpolation=interp, antialias=True)
+        img = TF.center_crop(img, self.pre.crop)
+        return TF.pil_to_tensor(img)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.load(i), i, None
+        except Exception as e:  # any decoder error becomes a recorded failure
+            msg = str(e).splitlines()[0] if str(e) else ""
+            return None, i, f"{type(e).__name__}: {msg}".strip()
+
+
+def collate(items):
+    """Batch the good images; keep (index, error) of the bad ones beside them."""
+    good = [(t, i) for t, i, e in items if e is None]
+    bad = [(i, e) for t, i, e in items if e is not None]
+    x = torch.stack([t for t, _ in good]) if good else None
+    return x, [i for _, i in good], bad
+
+
+def source_fingerprint(source: Source) -> dict:
+    """What identifies the items: description plus a digest of ids and labels."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in source.ids:
+        h.update(i.encode() + b"\0")
+    h.update(np.asarray(source.labels, dtype=np.int64).tobytes())
+    return {**source.describe(), "items_sha256": h.hexdigest()[:16], "classes": json.dumps(source.classes)}

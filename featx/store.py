@@ -1,0 +1,359 @@
+"""The featx feature store: an HDF5 file any tool can read (schema in docs/FORMAT.md).
+
+This is the only module that imports h5py.
+
+Writing is crash-safe by construction.  HDF5 itself is not: a process killed while HDF5
+updates its metadata can leave a file that no longer opens.  So rows are first written as
+*shards* (``<out>.parts/shard-<first>-<end>.npz``), each made visible by an atomic rename,
+and the HDF5 file is assembled from the shards only when every item is done, written to a
+temporary name and renamed into place.  Consequences:
+
+* a killed run loses at most the shard in progress; rerunning the same command resumes at
+  the first item without a shard, with the same batches, so the result is identical;
+* a file at the output path is always complete; an unfinished run is visible as its parts
+  folder, which ``featx info`` reports;
+* shards are keyed by item ranges, so several processes (torchrun ranks) can each write a
+  contiguous range into the same parts folder and one of them assembles the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featx.errors import FeatxError
+
+FORMAT_NAME = "featx.features"
+FORMAT_VERSION = 1
+_SHARD = re.compile(r"shard-(\d{12})-(\d{12})\.npz$")
+_STR = h5py.string_dtype("utf-8")
+
+
+def parts_dir(out: str | os.PathLike) -> Path:
+    return Path(str(out) + ".parts")
+
+
+@dataclass
+class Shard:
+    first: int  # first source item covered
+    end: int  # one past the last source item covered
+    path: Path
+
+
+class StoreWriter:
+    """Streams extracted rows to shards and assembles the final HDF5 file.
+
+    Args:
+        out: the .h5 file to produce.
+        header: provenance attributes; ``header["fingerprint"]`` (a JSON string) decides
+            whether an existing output or parts folder belongs to the same job.
+        n_items: how many source items the job covers.
+        overwrite: discard an existing output or parts folder of a different job.
+    """
+
+    def __init__(self, out: str | os.PathLike, header: dict, n_items: int, overwrite: bool = False):
+        self.out, self.header, self.n_items = Path(out), dict(header), n_items
+        self.parts = parts_dir(out)
+        fp = header["fingerprint"]
+        if self.out.exists():
+            same = False
+            try:
+                with h5py.File(self.out, "r") as f:
+                    same = f.attrs.get("fingerprint") == fp and bool(f.attrs.get("complete"))
+            except OSError:
+                pass
+            if same and not overwrite:
+                self.already_complete = True
+                return
+            if not overwrite:
+                raise FeatxError(
+                    f"{self.out} already exists and was made with other settings; "
+                    "use --overwrite to replace it, or choose another --out."
+                )
+        self.already_complete = False
+        if self.parts.exists():
+            meta = self.parts / "header.json"
+            old = json.loads(meta.read_text())["fingerprint"] if meta.exists() else None
+            if old != fp:
+                if not overwrite:
+                    raise FeatxError(
+                        f"an unfinished run with other settings left {self.parts}; rerun it with "
+                        "the same command to finish it, or use --overwrite to start over."
+                    )
+                shutil.rmtree(self.parts)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.parts / "header.json", json.dumps({**self.header, "n_items": n_items}))
+
+    # -- shards ---------------------------------------------------------------------------
+
+    def shards(self) -> list[Shard]:
+        return read_shards(self.parts)
+
+    def done_ranges(self) -> list[tuple[int, int]]:
+        return [(s.first, s.end) for s in self.shards()]
+
+    def write_shard(self, first: int, end: int, taps: dict[str, np.ndarray], labels: np.ndarray,
+                    ids: list[str], failed_ids: list[str], failed_reasons: list[str]) -> None:
+        """Write the rows of source items [first, end) atomically."""
+        arrays = {f"tap:{k}": v for k, v in taps.items()}
+        arrays.update(
+            labels=np.asarray(labels, dtype=np.int64),
+            ids=np.asarray(ids, dtype=np.str_),
+            failed_ids=np.asarray(failed_ids, dtype=np.str_),
+            failed_reasons=np.asarray(failed_reasons, dtype=np.str_),
+        )
+        final = self.parts / f"shard-{first:012d}-{end:012d}.npz"
+        tmp = final.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+    # -- assembly -------------------------------------------------------------------------
+
+    def missing(self) -> list[tuple[int, int]]:
+        """Item ranges that no shard covers yet."""
+        gaps, pos = [], 0
+        for s in self.shards():
+            if s.first > pos:
+                gaps.append((pos, s.first))
+            pos = max(pos, s.end)
+        if pos < self.n_items:
+            gaps.append((pos, self.n_items))
+        return gaps
+
+    def finalize(self, classes: list[str], default_tap: str, tap_info: dict[str, dict],
+                 dtype: str = "float32", extra_attrs: dict | None = None) -> Path:
+        """Assemble the shards into the HDF5 file, then remove them."""
+        if self.missing():
+            raise FeatxError(f"cannot assemble {self.out}: items {self.missing()[:3]} are not extracted yet.")
+        shards = self.shards()
+        n_rows, n_failed, dims = 0, 0, {}
+        for s in shards:
+            with np.load(s.path) as z:
+                n_rows += len(z["ids"])
+                n_failed += len(z["failed_ids"])
+                for k in tap_info:
+                    dims[k] = z[f"tap:{k}"].shape[1] if z[f"tap:{k}"].ndim == 2 and len(z["ids"]) else dims.get(k)
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({k: (str(v) if isinstance(v, str) else v) for k, v in self.header.items()})
+            f.attrs.update(extra_attrs or {})
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["complete"] = False
+            f.attrs["default_tap"] = default_tap
+            f.attrs["n_items"] = self.n_items
+            f.attrs["n_rows"] = n_rows
+            f.attrs["n_failed"] = n_failed
+            f.attrs["feature_dtype"] = dtype
+            f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR)
+            grp = f.create_group("taps")
+            for name, info in tap_info.items():
+                d = dims[name] or 0
+                chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(4 * d, 1)))
+                ds = grp.create_dataset(name, shape=(n_rows, d), dtype=dtype,
+                                        chunks=(chunk_rows, max(d, 1)) if n_rows and d else None)
+                ds.attrs.update(info)
+            f["features"] = grp[default_tap]  # a hard link: the default tap, no copy
+            labels = f.create_dataset("labels", shape=(n_rows,), dtype=np.int64)
+            ids = f.create_dataset("ids", shape=(n_rows,), dtype=_STR)
+            fid = f.create_dataset("failed/ids", shape=(n_failed,), dtype=_STR)
+            freason = f.create_dataset("failed/reasons", shape=(n_failed,), dtype=_STR)
+            r = q = 0
+            for s in shards:  # one shard in memory at a time
+                with np.load(s.path) as z:
+                    k = len(z["ids"])
+                    for name in tap_info:
+                        if k:
+                            grp[name][r:r + k] = z[f"tap:{name}"].astype(dtype, copy=False)
+                    labels[r:r + k] = z["labels"]
+                    ids[r:r + k] = z["ids"].astype(object)
+                    m = len(z["failed_ids"])
+                    fid[q:q + m] = z["failed_ids"].astype(object)
+                    freason[q:q + m] = z["failed_reasons"].astype(object)
+                    r, q = r + k, q + m
+            f.attrs["complete"] = True
+            f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.out)
+        shutil.rmtree(self.parts)
+        return self.out
+
+
+def read_shards(parts: Path) -> list[Shard]:
+    if not parts.is_dir():
+        return []
+    out = []
+    for p in parts.iterdir():
+        m = _SHARD.match(p.name)
+        if m:
+            out.append(Shard(int(m.group(1)), int(m.group(2)), p))
+    return sorted(out, key=lambda s: s.first)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class FeatureStore:
+    """Read a featx feature file.
+
+    Example:
+        >>> with FeatureStore("train.h5") as fs:
+        ...     X, y = fs.features(), fs.labels
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            parts = parts_dir(path)
+            if parts.exists():
+                raise FeatxError(
+                    f"{path} is not complete yet: its extraction stopped part-way "
+                    f"({progress_of(parts)}); rerun the same `featx extract` command to finish it."
+                )
+            raise FeatxError(f"feature file {path} does not exist.")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise FeatxError(f"{path} is not a readable HDF5 file ({e}).") from None
+        fmt = self._f.attrs.get("format")
+        if fmt != FORMAT_NAME:
+            self._f.close()
+            raise FeatxError(f"{path} is an HDF5 file but not a featx feature file (format={fmt!r}).")
+        version = int(self._f.attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            self._f.close()
+            raise FeatxError(f"{path} uses format version {version}; this featx reads up to {FORMAT_VERSION}. Upgrade featx.")
+        if not bool(self._f.attrs.get("complete", False)):
+            self._f.close()
+            raise FeatxError(f"{path} is marked incomplete; rerun the command that made it.")
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def attrs(self) -> dict:
+        out = {}
+        for k, v in self._f.attrs.items():
+            out[k] = v.item() if isinstance(v, np.generic) else v
+        return out
+
+    @property
+    def taps(self) -> list[str]:
+        return list(self._f["taps"].keys())
+
+    @property
+    def default_tap(self) -> str:
+        return str(self._f.attrs["default_tap"])
+
+    def tap_info(self, tap: str) -> dict:
+        return dict(self._f["taps"][tap].attrs)
+
+    def __len__(self) -> int:
+        return int(self._f["labels"].shape[0])
+
+    def dim(self, tap: str | None = None) -> int:
+        return int(self.dataset(tap).shape[1])
+
+    def dataset(self, tap: str | None = None) -> h5py.Dataset:
+        """The h5py dataset of a tap (lazy; slice it to read rows)."""
+        tap = tap or self.default_tap
+        if tap not in self._f["taps"]:
+            raise FeatxError(f"{self.path} has no tap {tap!r}; it has: {', '.join(self.taps)}.")
+        return self._f["taps"][tap]
+
+    def features(self, tap: str | None = None, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Features of one tap as float32 (all rows, or the given rows)."""
+        ds = self.dataset(tap)
+        if rows is None:
+            return ds[...].astype(np.float32, copy=False)
+        if isinstance(rows, np.ndarray):
+            order = np.argsort(rows)
+            out = np.empty((len(rows), ds.shape[1]), dtype=np.float32)
+            out[order] = ds[np.sort(rows)]  # h5py wants increasing indices
+            return out
+        return ds[rows].astype(np.float32, copy=False)
+
+    def nbytes(self, tap: str | None = None) -> int:
+        ds = self.dataset(tap)
+        return int(ds.shape[0]) * int(ds.shape[1]) * 4
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._f["labels"][...]
+
+    @property
+    def ids(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self._f["ids"][...]]
+
+    @property
+    def classes(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self._f["classes"][...]]
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        ids = self._f["failed/ids"][...]
+        reasons = self._f["failed/reasons"][...]
+        dec = lambda s: s.decode() if isinstance(s, bytes) else s  # noqa: E731
+        return [(dec(a), dec(b)) for a, b in zip(ids, reasons)]
+
+    def provenance(self) -> dict:
+        """The attributes that say how the features were made (for model bundles)."""
+        a = self.attrs
+        keys = ("backbone", "weights", "weights_sha256", "preprocessing", "pooling", "image_size")
+        return {k: a.get(k) for k in keys if k in a}
+
+
+def progress_of(parts: Path) -> str:
+    meta = parts / "header.json"
+    total = json.loads(meta.read_text()).get("n_items") if meta.exists() else None
+    done = sum(s.end - s.first for s in read_shards(parts))
+    return f"{done} of {total} items done" if total is not None else f"{done} items done"
+
+
+def info(path: str | os.PathLike) -> dict:
+    """A summary of a feature file, or of an unfinished extraction's parts folder."""
+    path = Path(path)
+    if not path.exists() and parts_dir(path).exists():
+        header = json.loads((parts_dir(path) / "header.json").read_text())
+        return {"path": str(path), "complete": False, "progress": progress_of(parts_dir(path)),
+                "backbone": header.get("backbone"), "command": header.get("command")}
+    with FeatureStore(path) as fs:
+        a = fs.attrs
+        return {
+            "path": str(path),
+            "complete": bool(a.get("complete")),
+            "format": f"{a['format']} v{a['format_version']}",
+            "rows": len(fs),
+            "failed": len(fs.failed),
+            "classes": fs.classes,
+            "taps": {t: fs.dim(t) for t in fs.taps},
+            "default_tap": fs.default_tap,
+            **{k: a.get(k) for k in ("backbone", "weights", "weights_sha256", "pooling", "preprocessing",
+                                     "source", "featx_version", "torch_version", "torchvision_version",
+                                     "command", "completed")},
+        }
