@@ -8,6 +8,7 @@ exit status 1.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -25,7 +26,8 @@ root_option = click.option("--root", default="data", show_default=True, help="wh
 image_size_option = click.option("--image-size", type=click.IntRange(min=8), default=None,
                                  help="resize the shorter side to S and centre-crop SxS (default: the weights' own).")
 grayscale_option = click.option("--grayscale", is_flag=True, help="convert every image to gray (3 equal channels).")
-batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                            help="images per forward pass (default: 32 on CPU, 128 on CUDA).")
 workers_option = click.option("--workers", type=click.IntRange(min=0), default=None,
                               help="decoding processes (default: one per core, at most 8).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -62,7 +64,8 @@ def main():
 @workers_option
 @device_option
 @precision_option
-@click.option("--channels-last/--no-channels-last", default=None, help="default: on for CUDA.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="NHWC memory layout (faster on CUDA and on CPU).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: record undecodable images in the file and go on.")
@@ -169,3 +172,160 @@ def weights_import(path):
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# -- classifiers --------------------------------------------------------------------------
+
+
+def _parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
+    except ValueError:
+        raise FeatxError(f"--memory-budget {text!r} is not a size such as 512MB or 4GB.") from None
+
+
+def _default_budget() -> str:
+    try:
+        return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 4 >> 20}MB"
+    except (ValueError, OSError, AttributeError):
+        return "4GB"
+
+
+def features_provenance(store, tap: str) -> dict:
+    """What a model trained on this tap must be given again at prediction time."""
+    a = store.attrs
+    ti = store.tap_info(tap)
+    return {"backbone": a.get("backbone"), "weights": a.get("weights"), "weights_sha256": a.get("weights_sha256"),
+            "weights_path": a.get("weights_path", ""), "tap": tap, "layer": ti.get("layer"), "pool": ti.get("pool"),
+            "preprocessing": a.get("preprocessing"), "dim": store.dim(tap)}
+
+
+@main.command()
+@click.argument("features", type=click.Path())
+@click.option("--clf", type=click.Choice(["logreg", "svm", "mlp"]), default="logreg", show_default=True)
+@click.option("--tap", default=None, help="stored tap to fit on (default: the file's default tap).")
+@click.option("--val", "val_path", type=click.Path(), default=None, help="a validation feature file for selection.")
+@click.option("--val-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True,
+              help="held-out share of the training rows when --val is not given.")
+@click.option("--search", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: the classifier's default grid; none: default hyper-parameters.")
+@click.option("--grid", default=None, help="your own grid, e.g. 'C=0.01,0.1,1' (overrides --search).")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
+@click.option("--memory-budget", default=None, help="stores larger than this are fitted out of core "
+              "(default: a quarter of RAM).")
+@seed_option
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="model bundle to write (.skops).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="directory for metrics.json and confusion_matrix.png (default: <out>-report/).")
+@click.option("--pickle", "use_pickle", is_flag=True, help="save with joblib/pickle instead of skops (unsafe to share).")
+def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, memory_budget, seed, out,
+        report_dir, use_pickle):
+    """Train a classifier on FEATURES, select its hyper-parameters, save a model bundle."""
+    from featx import bundle as bundle_mod
+    from featx import fit as fit_mod
+    from featx.classifiers import parse_grid
+    from featx.store import FeatureStore
+
+    cw = None if class_weight == "none" else class_weight
+    budget = _parse_size(memory_budget or _default_budget())
+    with FeatureStore(features) as store:
+        tap = tap or store.default_tap
+        prov = features_provenance(store, tap)
+        classes = store.classes
+        val_store = FeatureStore(val_path) if val_path else None
+        try:
+            if val_store is not None:
+                from featx.bundle import check_features
+
+                check_features(prov, features_provenance(val_store, tap) if tap in val_store.taps else
+                               {"tap": None}, f"--val {val_path}")
+                if tap not in val_store.taps:
+                    raise FeatxError(f"--val {val_path} has no tap {tap!r}.")
+            if store.nbytes(tap) > budget:
+                click.echo(f"{store.nbytes(tap) >> 20} MB of features exceed the memory budget of {budget >> 20} MB: "
+                           "fitting out of core (SGD over row chunks).")
+                result = fit_mod.fit_out_of_core(store, tap, clf, val=val_store, class_weight=cw, seed=seed)
+            else:
+                X, y = store.features(tap), store.labels
+                Xv = val_store.features(tap) if val_store else None
+                yv = val_store.labels if val_store else None
+                spec = parse_grid(grid) if grid else search
+                result = fit_mod.fit_arrays(X, y, clf, Xv, yv, val_fraction, spec, cw, seed)
+        finally:
+            if val_store is not None:
+                val_store.close()
+    meta = {**prov, "classes": classes, "clf": clf, "params": result.params, "fit_seconds": result.fit_seconds,
+            "features_file": os.path.abspath(features), "out_of_core": result.out_of_core}
+    bundle_mod.save(out, result.pipeline, meta, use_pickle=use_pickle)
+    for row in result.search:
+        click.echo(f"  {json.dumps(row['params'])}: val accuracy {row['val_accuracy']:.4f} ({row['seconds']:.1f}s)")
+    if result.params:
+        click.echo(f"selected {json.dumps(result.params)}")
+    report = {"clf": clf, "tap": tap, "params": result.params, "search": result.search,
+              "fit_seconds": result.fit_seconds, "metrics": result.val_metrics, "split": "validation"}
+    if result.val_metrics:
+        click.echo("validation:\n" + fit_mod.format_table(result.val_metrics))
+        rd = report_dir or os.path.splitext(out)[0] + "-report"
+        fit_mod.write_report(rd, report, classes)
+        click.echo(f"report: {rd}/metrics.json, {rd}/confusion_matrix.png")
+    click.echo(f"saved {out} ({clf} on {tap}, {result.fit_seconds:.1f}s)")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("features", type=click.Path())
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="directory for metrics.json and confusion_matrix.png.")
+@click.option("--allow-pickle", is_flag=True, help="accept a joblib/pickle bundle (runs code from the file).")
+def evaluate(model, features, report_dir, allow_pickle):
+    """Score MODEL on a labelled feature file; print and save the metrics."""
+    from featx import bundle as bundle_mod
+    from featx import fit as fit_mod
+    from featx.store import FeatureStore
+
+    b = bundle_mod.load(model, allow_pickle=allow_pickle)
+    tap = b.meta["tap"]
+    with FeatureStore(features) as store:
+        if tap not in store.taps:
+            raise FeatxError(f"{features} has no tap {tap!r}, which the model was trained on; it has "
+                             f"{', '.join(store.taps)}.")
+        bundle_mod.check_features(b.meta, features_provenance(store, tap), features)
+        if store.classes and list(store.classes) != list(b.classes):
+            raise FeatxError(f"{features} has classes {store.classes[:5]}... but the model knows {b.classes[:5]}...")
+        y = store.labels
+        if (y < 0).any():
+            raise FeatxError(f"{features} has unlabeled rows; evaluate needs labels (use predict instead).")
+        m = fit_mod.evaluate(b.pipeline, store.features(tap), y, b.classes)
+    click.echo(f"{model} on {features} ({m['n']} rows):\n" + fit_mod.format_table(m))
+    if report_dir:
+        fit_mod.write_report(report_dir, {"model": model, "features": features, "metrics": m}, b.classes)
+        click.echo(f"report: {report_dir}/metrics.json, {report_dir}/confusion_matrix.png")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default="predictions.csv", show_default=True)
+@click.option("--sheet", type=click.Path(dir_okay=False), default=None, help="also draw a contact sheet PNG.")
+@click.option("--weights", default=None, help="the backbone weights file, if it moved since the features were made.")
+@batch_option
+@workers_option
+@device_option
+@click.option("--allow-pickle", is_flag=True, help="accept a joblib/pickle bundle (runs code from the file).")
+def predict(model, inputs, out, sheet, weights, batch_size, workers, device, allow_pickle):
+    """Classify images (a folder, a CSV list, or image files) with MODEL."""
+    from featx.predict import predict_images, write_predictions, write_sheet
+
+    res = predict_images(model, list(inputs), weights=weights, batch_size=batch_size, workers=workers,
+                         device=device, allow_pickle=allow_pickle)
+    write_predictions(out, res)
+    n_ok = sum(1 for r in res.rows if r["error"] is None)
+    click.echo(f"wrote {out}: {n_ok} images classified, {len(res.rows) - n_ok} failed")
+    for r in res.rows:
+        if r["error"] is not None:
+            click.echo(f"  failed: {r['id']}: {r['error']}", err=True)
+    if sheet:
+        write_sheet(sheet, res)
+        click.echo(f"contact sheet: {sheet}")

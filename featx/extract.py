@@ -133,16 +133,17 @@ class ExtractConfig:
     pools: tuple[str, ...] = ("avg",)
     image_size: int | None = None  # override the weights' resize/crop
     grayscale: bool = False
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 32 on CPU (cache-friendly, measured), 128 on CUDA
     workers: int | None = None  # None: one per core, at most 8 (0 on tiny jobs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    channels_last: bool | None = None  # None: on CUDA only
+    channels_last: bool = True  # faster on CUDA and, measured here, on CPU too (oneDNN)
     dtype: str = "float32"  # stored feature dtype: float32 | float16
     on_error: str = "skip"  # skip (record the failure) | fail
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool | None = None  # None: a bar on a terminal only
     jpeg_draft: bool = True
+    preprocessing: str | None = None  # a Preprocess as JSON: replaces the weights' own (predict)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -183,8 +184,11 @@ class FeatureExtractor:
         self.device = resolve_device(c.device)
         self.weights = bb.resolve_weights(c.backbone, c.weights)
         model = bb.load_backbone(c.backbone, self.weights)
-        self.pre = bb.preprocess_for(c.backbone, self.weights, c.image_size, c.grayscale)
-        self.pre.jpeg_draft = c.jpeg_draft
+        if c.preprocessing:
+            self.pre = bb.Preprocess.from_json(c.preprocessing)
+        else:
+            self.pre = bb.preprocess_for(c.backbone, self.weights, c.image_size, c.grayscale)
+            self.pre.jpeg_draft = c.jpeg_draft
         layers = list(c.layers) or [bb.default_tap(c.backbone, model)]
         layers = [bb.resolve_tap(c.backbone, model, layer) for layer in layers]
         self.layers = list(dict.fromkeys(layers))
@@ -193,7 +197,9 @@ class FeatureExtractor:
         self.default_tap = next(iter(self.taps))
         for p in model.parameters():
             p.requires_grad_(False)
-        self.channels_last = c.channels_last if c.channels_last is not None else self.device.type == "cuda"
+        self.channels_last = c.channels_last
+        if c.batch_size is None:
+            c.batch_size = 128 if self.device.type == "cuda" else 32
         self.amp = _autocast_dtype(c.precision, self.device)
         model = model.to(self.device)
         if self.channels_last:
@@ -228,6 +234,7 @@ class FeatureExtractor:
             "backbone": c.backbone,
             "weights": self.weights.id,
             "weights_sha256": self.weights.sha256,
+            "weights_path": os.path.abspath(self.weights.path) if self.weights.path else "",
             "taps": json.dumps(self.taps),
             "pooling": json.dumps(pooling),
             "preprocessing": self.pre.to_json(),

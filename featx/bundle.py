@@ -1,0 +1,101 @@
+"""Save and load a fitted classifier with the provenance of its features.
+
+A bundle is the fitted Pipeline plus what is needed to make matching features again:
+backbone, weights (id and sha256), tap, pooling, preprocessing, feature dimension and
+class names.  It is written with skops, whose loader rebuilds objects from an allow-list
+of types instead of unpickling: a file that names any other type is refused before
+anything in it runs.  joblib (pickle) is available only on explicit request, because
+loading a pickle runs whatever code the file's author chose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import sklearn
+from sklearn.pipeline import Pipeline
+
+import featx
+from featx.errors import FeatxError
+
+BUNDLE_VERSION = 1
+PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "tap", "layer", "pool", "preprocessing", "dim")
+
+
+@dataclass
+class Bundle:
+    pipeline: Pipeline
+    meta: dict  # provenance + classes + fit summary
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+
+def save(path: str | os.PathLike, pipeline: Pipeline, meta: dict, use_pickle: bool = False) -> Path:
+    """Write a bundle; ``use_pickle`` switches from skops to joblib (unsafe to load)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "bundle_version": BUNDLE_VERSION, "featx_version": featx.__version__,
+            "sklearn_version": sklearn.__version__}
+    payload = {"featx_bundle": BUNDLE_VERSION, "meta": json.dumps(meta), "pipeline": pipeline}
+    tmp = path.with_name(path.name + ".tmp")
+    if use_pickle:
+        import joblib
+
+        joblib.dump(payload, tmp)
+    else:
+        import skops.io as sio
+
+        sio.dump(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: str | os.PathLike, allow_pickle: bool = False) -> Bundle:
+    """Load a bundle.  skops files are checked against the allow-list of safe types first."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatxError(f"model bundle {path} does not exist.")
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        import skops.io as sio
+
+        try:
+            untrusted = sio.get_untrusted_types(file=path)
+        except Exception as e:
+            raise FeatxError(f"{path} is not a readable skops bundle ({str(e).splitlines()[0]}).") from None
+        if untrusted:
+            raise FeatxError(
+                f"refusing to load {path}: it contains types outside featx's allow-list "
+                f"({', '.join(sorted(untrusted)[:5])}); nothing in it was run."
+            )
+        payload = sio.load(path)
+    elif allow_pickle:
+        import joblib
+
+        warnings.warn(f"loading {path} with pickle: this runs any code the file contains; "
+                      "only do it for files you made yourself.", stacklevel=2)
+        payload = joblib.load(path)
+    else:
+        raise FeatxError(
+            f"{path} is not a skops bundle; if it is a joblib/pickle bundle you made yourself, "
+            "pass --allow-pickle (loading a pickle can run arbitrary code)."
+        )
+    if not isinstance(payload, dict) or payload.get("featx_bundle") is None:
+        raise FeatxError(f"{path} is not a featx model bundle.")
+    return Bundle(payload["pipeline"], json.loads(payload["meta"]))
+
+
+def check_features(meta: dict, features: dict, what: str) -> None:
+    """Refuse features made differently from the ones the model was trained on."""
+    for key in ("backbone", "weights_sha256", "layer", "pool", "dim"):
+        a, b = meta.get(key), features.get(key)
+        if a is not None and b is not None and str(a) != str(b):
+            raise FeatxError(f"{what} does not match the model: {key} is {b!r} there but the model was "
+                             f"trained on {key} {a!r}.")

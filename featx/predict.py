@@ -1,0 +1,135 @@
+"""Classify new images with a model bundle: extraction in memory, then the fitted pipeline.
+
+The bundle's own backbone, weights, tap, pooling and preprocessing are used, so the new
+images get exactly the kind of features the classifier was trained on; the weights'
+sha256 is checked against the bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featx.errors import FeatxError
+
+
+@dataclass
+class PredictResult:
+    classes: list[str]
+    rows: list[dict] = field(default_factory=list)  # id, predicted, probabilities, error
+    source: object = None
+    preprocessing: object = None
+
+
+def _open_inputs(inputs: list[str]):
+    """One folder or list file, or any number of image files (a missing one is a recorded failure)."""
+    from featx.sources import files_source, open_source
+
+    if len(inputs) == 1:
+        p = Path(inputs[0])
+        if p.is_dir() or p.suffix.lower() in (".csv", ".tsv", ".txt", ".tab"):
+            return open_source(inputs[0])
+    return files_source(inputs)
+
+
+def _weights_for(meta: dict, override: str | None) -> str:
+    if override:
+        return override
+    w = meta.get("weights", "DEFAULT")
+    if w == "none":
+        raise FeatxError("this model was trained on features of a randomly initialised backbone, which cannot be "
+                         "made again; extract with real or saved weights (--weights PATH).")
+    if w.startswith("file:"):
+        path = meta.get("weights_path") or ""
+        if not Path(path).is_file():
+            raise FeatxError(f"the backbone weights file {path or w[5:]} is gone; pass its new location with --weights.")
+        return path
+    return w
+
+
+def predict_images(model: str, inputs: list[str], weights: str | None = None, batch_size: int | None = None,
+                   workers: int | None = None, device: str = "auto", allow_pickle: bool = False) -> PredictResult:
+    """Extract features of ``inputs`` as the bundle says and classify them."""
+    from featx import bundle as bundle_mod
+    from featx.extract import ExtractConfig, FeatureExtractor, iterate
+
+    b = bundle_mod.load(model, allow_pickle=allow_pickle)
+    m = b.meta
+    config = ExtractConfig(backbone=m["backbone"], weights=_weights_for(m, weights), layers=(m["layer"],),
+                           pools=(m["pool"],), preprocessing=m.get("preprocessing"), batch_size=batch_size,
+                           workers=workers, device=device)
+    extractor = FeatureExtractor(config)
+    if m.get("weights_sha256") and extractor.weights.sha256 != m["weights_sha256"]:
+        raise FeatxError(f"weights {extractor.weights.id} (sha256 {extractor.weights.sha256[:12]}) are not the ones "
+                         f"the model was trained with (sha256 {m['weights_sha256'][:12]}).")
+    source = _open_inputs(inputs)
+    tap = next(iter(extractor.taps))
+    result = PredictResult(b.classes, source=source, preprocessing=extractor.pre)
+    order: dict[int, dict] = {}
+    for _, good, feats, bad in iterate(source, extractor, range(len(source))):
+        if good:
+            X = feats[tap]
+            if X.shape[1] != m["dim"]:
+                raise FeatxError(f"features have dimension {X.shape[1]} but the model expects {m['dim']}.")
+            if hasattr(b.pipeline, "predict_proba"):
+                proba = b.pipeline.predict_proba(X)
+                pred = b.pipeline.classes_[proba.argmax(1)]
+            else:
+                pred, proba = b.pipeline.predict(X), None
+            for k, i in enumerate(good):
+                probs = None
+                if proba is not None:
+                    probs = {b.classes[int(c)]: float(proba[k, j]) for j, c in enumerate(b.pipeline.classes_)}
+                order[i] = {"id": source.ids[i], "index": i, "predicted": b.classes[int(pred[k])],
+                            "probabilities": probs, "error": None}
+        for i, err in bad:
+            order[i] = {"id": source.ids[i], "index": i, "predicted": None, "probabilities": None, "error": err}
+    result.rows = [order[i] for i in sorted(order)]
+    return result
+
+
+def write_predictions(path: str | os.PathLike, res: PredictResult) -> None:
+    """CSV: id, predicted, one probability column per class, error."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "predicted"] + [f"p_{c}" for c in res.classes] + ["error"])
+        for r in res.rows:
+            probs = [f"{r['probabilities'][c]:.6f}" if r["probabilities"] and c in r["probabilities"] else ""
+                     for c in res.classes]
+            w.writerow([r["id"], r["predicted"] or ""] + probs + [r["error"] or ""])
+
+
+def write_sheet(path: str | os.PathLike, res: PredictResult, max_images: int = 48) -> None:
+    """A contact sheet: each image titled with its top class and percentage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from featx.sources import to_rgb
+
+    rows = [r for r in res.rows if r["error"] is None][:max_images]
+    if not rows:
+        raise FeatxError("no image could be classified, so there is no contact sheet to draw.")
+    cols = min(6, len(rows))
+    nrows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.5 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, rows):
+        img = to_rgb(res.source.open(r["index"]))
+        img.thumbnail((256, 256))
+        ax.imshow(np.asarray(img))
+        title = r["predicted"]
+        if r["probabilities"]:
+            title += f" {100 * r['probabilities'][r['predicted']]:.0f}%"
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny generated image trees and a small, reproducible backbone.
+
+Nothing here touches the network: backbones are randomly initialised (and saved to a file
+when a test needs the same weights twice), images are generated in tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+BACKBONE = "mobilenet_v2"  # small and fast at 32 px
+
+
+def make_image(path: Path, color, size=(40, 36), noise: int = 30, seed: int = 0) -> Path:
+    """A JPEG/PNG of a base colour with a little noise (so classes are separable)."""
+    rng = np.random.default_rng(seed)
+    a = np.clip(np.asarray(color, dtype=np.int16) + rng.integers(-noise, noise + 1, (size[1], size[0], 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a.astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """data/{train,val}/{red,blue}/*.jpg: 6 + 3 images per class, separable by colour."""
+    root = tmp_path / "data"
+    colors = {"red": (200, 40, 40), "blue": (40, 40, 200)}
+    for split, n in (("train", 6), ("val", 3)):
+        for c, rgb in colors.items():
+            for i in range(n):
+                make_image(root / split / c / f"{i}.jpg", rgb, seed=hash((split, c, i)) % 1000)
+    return root
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """A saved random MobileNetV2 state dict: the same weights every time it is loaded."""
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "mnv2_random.pt"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
+    return path
+
+
+def small_config(weights="none", **kw):
+    from featx.extract import ExtractConfig
+
+    kw.setdefault("image_size", 32)
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("workers", 0)
+    kw.setdefault("backbone", BACKBONE)
+    return ExtractConfig(weights=str(weights), **kw)
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the click app; returns the Result (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from featx.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run
