@@ -57,8 +57,10 @@ def make_classifier(name: str, n_samples: int | None = None, class_weight: str |
             clf = CalibratedClassifierCV(linear, cv=3, method="sigmoid")
             return Pipeline([scale, ("rbf", Nystroem(n_components=params.pop("n_components", 1024),
                                                      random_state=seed)), ("clf", clf)])
-        clf = SVC(C=C, kernel="rbf", gamma="scale", probability=True, class_weight=class_weight,
-                  random_state=seed)
+        # probabilities by Platt scaling on internal folds (scikit-learn's replacement for
+        # the deprecated SVC(probability=True))
+        clf = CalibratedClassifierCV(SVC(C=C, kernel="rbf", gamma="scale", class_weight=class_weight,
+                                         random_state=seed), ensemble=False, method="sigmoid")
     elif name == "mlp":
         if class_weight is not None:
             raise FeatxError("--class-weight balanced is not supported by the mlp classifier; use logreg or svm.")

@@ -77,8 +77,10 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
     """Extract features of the images in DATA (folder, CSV/TSV list, or torchvision:NAME)."""
     from featx.extract import ExtractConfig
     from featx.extract import extract as run
+    from featx.backbones import check_backbone
     from featx.sources import DEFAULT_MAX_PIXELS, open_source
 
+    check_backbone(backbone)  # before scanning a possibly large folder
     source = open_source(data, split=split, root=root)
     config = ExtractConfig(
         backbone=backbone, weights=weights, layers=tuple(layers), pools=tuple(dict.fromkeys(pools)),

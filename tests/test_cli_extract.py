@@ -1,0 +1,40 @@
+from featx.store import FeatureStore
+
+
+def test_extract_info_and_summary(image_tree, tmp_path, run_cli):
+    (image_tree / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    out = tmp_path / "f.h5"
+    r = run_cli("extract", image_tree, "--split", "train", "--backbone", "mobilenet_v2", "--weights", "none",
+                "--image-size", "32", "--layer", "features.6", "--pool", "avg", "--pool", "gem", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "12 rows from 13 images, 1 failed" in r.stdout
+    assert "broken.jpg" in r.stderr
+    with FeatureStore(out) as fs:
+        assert fs.taps == ["features.6@avg", "features.6@gem"]
+    info = run_cli("info", out)
+    assert info.exit_code == 0 and "complete" in info.stdout and "features.6@gem (32)" in info.stdout
+
+
+def test_rerun_complete_is_a_no_op(image_tree, tmp_path, run_cli, weights_file):
+    args = ["extract", image_tree, "--split", "val", "-b", "mobilenet_v2", "--weights", weights_file,
+            "--image-size", "32", "--out", tmp_path / "f.h5"]
+    assert run_cli(*args).exit_code == 0
+    again = run_cli(*args)
+    assert again.exit_code == 0 and "already complete" in again.stdout
+    other = run_cli(*args[:-2], "--pool", "max", "--out", tmp_path / "f.h5")
+    assert other.exit_code == 1 and "--overwrite" in other.stderr and "Traceback" not in other.output
+
+
+def test_user_errors_are_one_sentence(tmp_path, run_cli):
+    r = run_cli("extract", tmp_path / "missing", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: data folder") and "Traceback" not in r.output
+    r = run_cli("extract", tmp_path, "--backbone", "resnet51", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1 and "unknown backbone 'resnet51'" in r.stderr
+    r = run_cli("info", tmp_path / "nothing.h5")
+    assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+def test_backbones_lists_and_describes(run_cli):
+    r = run_cli("backbones", "vgg16")
+    assert r.exit_code == 0
+    assert "default tap features" in r.stdout and "features.30" in r.stdout and "fc7=classifier.4" in r.stdout

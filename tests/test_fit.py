@@ -1,0 +1,205 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs, make_classification
+
+from featx import bundle
+from featx.classifiers import make_classifier, parse_grid
+from featx.errors import FeatxError
+from featx.fit import evaluate, fit_arrays
+from featx.store import StoreWriter
+
+
+def blobs(n=300, d=20, k=3, seed=0):
+    X, y = make_blobs(n_samples=n, n_features=d, centers=k, cluster_std=2.0, random_state=seed)
+    return X.astype(np.float32), y
+
+
+@pytest.mark.parametrize("clf", ["logreg", "svm", "mlp"])
+def test_each_classifier_separates_blobs(clf):
+    X, y = blobs()
+    Xt, yt = blobs(seed=0)[0][:100] + 0.1, blobs()[1][:100]
+    r = fit_arrays(X, y, clf, search="none")
+    assert evaluate(r.pipeline, Xt, yt)["accuracy"] > 0.95
+    assert r.pipeline.steps[0][0] == "scale"  # scaling lives inside the pipeline
+
+
+def test_svm_switches_to_kernel_approximation_for_many_samples():
+    assert type(make_classifier("svm", n_samples=100).named_steps["clf"].estimator).__name__ == "SVC"
+    big = make_classifier("svm", n_samples=50_000)
+    assert "rbf" in big.named_steps and type(big.named_steps["rbf"]).__name__ == "Nystroem"
+
+
+def test_warm_started_path_selects_like_independent_fits():
+    """The warm-start speed-up must not change which C wins, nor its validation accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = make_classification(n_samples=900, n_features=30, n_informative=6, flip_y=0.2, random_state=1)
+    X = X.astype(np.float32)
+    Cs = [1e-4, 1e-3, 1e-2, 1e-1, 1, 10]
+    r = fit_arrays(X[:600], y[:600], "logreg", X[600:], y[600:], search={"C": Cs}, refit=False)
+    s = StandardScaler().fit(X[:600])
+    cold = [LogisticRegression(C=C, max_iter=5000, tol=1e-8).fit(s.transform(X[:600]), y[:600])
+            .score(s.transform(X[600:]), y[600:]) for C in Cs]
+    warm = [row["val_accuracy"] for row in r.search]
+    np.testing.assert_allclose(warm, cold, atol=0.01)
+    assert r.params["C"] == Cs[int(np.argmax(warm))]
+    assert r.val_metrics["accuracy"] == max(warm)
+
+
+def test_search_picks_weak_regularisation_on_clean_separable_data():
+    X, y = make_classification(n_samples=2000, n_features=10, n_informative=10, n_redundant=0,
+                               class_sep=1.0, flip_y=0, random_state=0)
+    r = fit_arrays(X.astype(np.float32), y, "logreg", search={"C": [1e-4, 1e-3, 1e-2, 1, 10]})
+    assert r.params["C"] >= 1e-2  # 1e-4 shrinks everything to chance
+    assert r.val_metrics["accuracy"] > 0.7  # linear ceiling of this data is ~0.77
+    assert len(r.search) == 5 and r.pipeline.named_steps["clf"].C == r.params["C"]
+
+
+def test_default_grid_has_at_least_eight_values():
+    X, y = blobs()
+    assert len(fit_arrays(X, y, "logreg").search) >= 8
+
+
+def test_grid_parsing():
+    assert parse_grid("C=0.01,0.1,1") == {"C": [0.01, 0.1, 1]}
+    assert parse_grid("alpha=1e-4;hidden=64,128") == {"alpha": [1e-4], "hidden": [64, 128]}
+    with pytest.raises(FeatxError, match="expected NAME="):
+        parse_grid("0.1,1")
+
+
+def test_single_class_and_unlabeled_are_refused():
+    X, _ = blobs()
+    with pytest.raises(FeatxError, match="single class"):
+        fit_arrays(X, np.zeros(len(X), int))
+    with pytest.raises(FeatxError, match="unlabeled"):
+        fit_arrays(X, -np.ones(len(X), int))
+
+
+def test_metrics_include_top5_and_per_class():
+    X, y = blobs(n=400, k=7)
+    r = fit_arrays(X, y, "logreg", search="none")
+    m = evaluate(r.pipeline, X, y, [f"c{i}" for i in range(7)])
+    assert 0.9 < m["accuracy"] <= m["top5_accuracy"]
+    assert set(m["per_class"]) == {f"c{i}" for i in range(7)}
+    assert np.asarray(m["confusion_matrix"]).sum() == len(y)
+
+
+def test_bundle_round_trip(tmp_path):
+    X, y = blobs()
+    pipe = fit_arrays(X, y, "logreg", search="none").pipeline
+    bundle.save(tmp_path / "m.skops", pipe, {"classes": ["a", "b", "c"], "tap": "t"})
+    b = bundle.load(tmp_path / "m.skops")
+    np.testing.assert_array_equal(b.pipeline.predict_proba(X), pipe.predict_proba(X))
+    assert b.meta["classes"] == ["a", "b", "c"] and b.meta["sklearn_version"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_pickle_bundle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    import joblib
+
+    monkeypatch.chdir(tmp_path)
+    joblib.dump({"featx_bundle": 1, "meta": "{}", "pipeline": Evil()}, tmp_path / "evil.skops")
+    with pytest.raises(FeatxError, match="not a skops bundle.*--allow-pickle"):
+        bundle.load(tmp_path / "evil.skops")
+    assert not (tmp_path / "PWNED").exists()
+
+
+class Gadget:
+    """A type outside the allow-list whose construction has a visible side effect."""
+
+    def __setstate__(self, state):
+        open(state["path"], "w").close()
+
+
+def test_malicious_skops_bundle_is_refused_and_runs_nothing(tmp_path):
+    import skops.io as sio
+
+    target = tmp_path / "created_by_payload"
+    g = Gadget.__new__(Gadget)
+    g.path = str(target)
+    sio.dump({"featx_bundle": 1, "meta": "{}", "pipeline": g}, tmp_path / "evil.skops")
+    with pytest.raises(FeatxError, match="outside featx's allow-list.*Gadget"):
+        bundle.load(tmp_path / "evil.skops")
+    assert not target.exists()
+
+
+def test_pickle_bundle_only_on_opt_in(tmp_path):
+    X, y = blobs()
+    pipe = fit_arrays(X, y, "logreg", search="none").pipeline
+    bundle.save(tmp_path / "m.joblib", pipe, {"classes": ["a", "b", "c"]}, use_pickle=True)
+    with pytest.raises(FeatxError, match="--allow-pickle"):
+        bundle.load(tmp_path / "m.joblib")
+    with pytest.warns(UserWarning, match="runs any code"):
+        assert bundle.load(tmp_path / "m.joblib", allow_pickle=True).meta["classes"] == ["a", "b", "c"]
+
+
+def test_check_features_names_both_sides():
+    with pytest.raises(FeatxError, match="backbone is 'resnet50' there but the model was trained on backbone 'vgg16'"):
+        bundle.check_features({"backbone": "vgg16"}, {"backbone": "resnet50"}, "x.h5")
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+def write_store(path, X, y, classes, tap="features", backbone="mobilenet_v2", sha="abc"):
+    header = {"backbone": backbone, "weights": "w", "weights_sha256": sha, "weights_path": "",
+              "preprocessing": "{}", "pooling": "{}", "taps": "{}", "fingerprint": str(path), "source": "{}"}
+    w = StoreWriter(path, header, len(X), overwrite=True)
+    w.write_shard(0, len(X), {tap: X}, y, [f"i{k}" for k in range(len(X))], [], [])
+    w.finalize(classes, tap, {tap: {"layer": tap, "pool": "avg"}})
+    return path
+
+
+def test_cli_fit_evaluate_and_reports(tmp_path, run_cli):
+    X, y = blobs(n=600, k=3)
+    tr = write_store(tmp_path / "train.h5", X[:400], y[:400], ["a", "b", "c"])
+    te = write_store(tmp_path / "test.h5", X[400:], y[400:], ["a", "b", "c"])
+    r = run_cli("fit", tr, "--clf", "logreg", "--out", tmp_path / "m.skops")
+    assert r.exit_code == 0, r.output
+    assert "selected {\"C\":" in r.stdout and "validation:" in r.stdout and "accuracy" in r.stdout
+    assert (tmp_path / "m-report" / "confusion_matrix.png").stat().st_size > 1000
+    r = run_cli("evaluate", tmp_path / "m.skops", te, "--report", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())["metrics"]
+    assert m["accuracy"] > 0.95 and set(m) >= {"balanced_accuracy", "macro_f1", "per_class"}
+    assert (tmp_path / "rep" / "confusion_matrix.png").exists()
+
+
+def test_cli_evaluate_refuses_mismatched_features(tmp_path, run_cli):
+    X, y = blobs()
+    tr = write_store(tmp_path / "train.h5", X, y, ["a", "b", "c"])
+    other = write_store(tmp_path / "other.h5", X, y, ["a", "b", "c"], backbone="resnet50")
+    assert run_cli("fit", tr, "--search", "none", "--out", tmp_path / "m.skops").exit_code == 0
+    r = run_cli("evaluate", tmp_path / "m.skops", other)
+    assert r.exit_code == 1
+    assert "'resnet50' there" in r.stderr and "'mobilenet_v2'" in r.stderr and "Traceback" not in r.output
+    wrong_dim = write_store(tmp_path / "dim.h5", X[:, :5], y, ["a", "b", "c"])
+    r = run_cli("evaluate", tmp_path / "m.skops", wrong_dim)
+    assert r.exit_code == 1 and "dim is 5 there" in r.stderr
+
+
+def test_cli_out_of_core_with_tiny_budget(tmp_path, run_cli):
+    X, y = blobs(n=2000, d=16, k=3)
+    tr = write_store(tmp_path / "train.h5", X, y, ["a", "b", "c"])
+    r = run_cli("fit", tr, "--memory-budget", "10KB", "--out", tmp_path / "m.skops")
+    assert r.exit_code == 0, r.output
+    assert "fitting out of core" in r.stdout
+    b = bundle.load(tmp_path / "m.skops")
+    assert b.meta["out_of_core"] and (b.pipeline.predict(X) == y).mean() > 0.95
+
+
+def test_cli_class_weight_balanced(tmp_path, run_cli):
+    X, y = blobs(n=300, k=2)
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:15]])  # 10:1 skew
+    tr = write_store(tmp_path / "train.h5", X[keep], y[keep], ["a", "b"])
+    r = run_cli("fit", tr, "--class-weight", "balanced", "--search", "none", "--out", tmp_path / "m.skops")
+    assert r.exit_code == 0, r.output
+    assert bundle.load(tmp_path / "m.skops").pipeline.named_steps["clf"].class_weight == "balanced"
