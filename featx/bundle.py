@@ -23,6 +23,9 @@ import featx
 from featx.errors import FeatxError
 
 BUNDLE_VERSION = 1
+# Types beyond skops' own safe defaults (scikit-learn, numpy, builtins) that a featx bundle
+# may contain.  Anything else in a file is refused before loading.
+ALLOWED_TYPES = frozenset({"featx.linear.FastLogisticRegression"})
 PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "tap", "layer", "pool", "preprocessing", "dim")
 
 
@@ -70,12 +73,13 @@ def load(path: str | os.PathLike, allow_pickle: bool = False) -> Bundle:
             untrusted = sio.get_untrusted_types(file=path)
         except Exception as e:
             raise FeatxError(f"{path} is not a readable skops bundle ({str(e).splitlines()[0]}).") from None
-        if untrusted:
+        refused = sorted(set(untrusted) - ALLOWED_TYPES)
+        if refused:
             raise FeatxError(
                 f"refusing to load {path}: it contains types outside featx's allow-list "
-                f"({', '.join(sorted(untrusted)[:5])}); nothing in it was run."
+                f"({', '.join(refused[:5])}); nothing in it was run."
             )
-        payload = sio.load(path)
+        payload = sio.load(path, trusted=list(untrusted))
     elif allow_pickle:
         import joblib
 

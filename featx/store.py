@@ -158,7 +158,7 @@ class StoreWriter:
             f.attrs["n_failed"] = n_failed
             f.attrs["feature_dtype"] = dtype
             f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR)
-            grp = f.create_group("taps")
+            grp = f.create_group("taps", track_order=True)  # taps listed in extraction order
             for name, info in tap_info.items():
                 d = dims[name] or 0
                 chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(4 * d, 1)))

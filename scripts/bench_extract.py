@@ -1,0 +1,138 @@
+"""Benchmark `featx extract` against its limit and against the tutorial loop.
+
+On the same JPEG files (640x480 photos made from scikit-learn's two sample photographs,
+randomly cropped, flipped and re-encoded), for each backbone at 224 px, in one run:
+
+* featx   -- `featx.extract.extract` end to end (decode in workers, batches, store);
+* bare    -- the forward pass alone on already decoded and normalised tensors (the limit),
+             with featx's batch size and memory layout;
+* naive   -- what the tutorials write: ImageFolder + weights.transforms(), a DataLoader
+             without workers, float32, torch.no_grad (no inference_mode), default layout;
+* decode  -- decoding + resizing alone (one process), with and without JPEG draft mode.
+
+Backbones use random weights (speed does not depend on the values).
+
+    python scripts/bench_extract.py [--n 256] [--backbones resnet50 mobilenet_v2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import machine, update_section  # noqa: E402
+
+
+def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(seed)
+    photos = [load_sample_image(name) for name in ("china.jpg", "flower.jpg")]  # 427 x 640
+    for i in range(n):
+        a = photos[i % 2]
+        y, x = rng.integers(0, 60), rng.integers(0, 100)
+        img = Image.fromarray(a[y:y + 360, x:x + 540]).resize((640, 480))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds
+
+
+def bench(backbone: str, data: Path, out_dir: Path, n: int) -> dict:
+    import torch
+    import torchvision
+
+    from featx.extract import ExtractConfig, FeatureExtractor, extract
+    from featx.sources import Decoded, folder_source
+
+    res = {}
+    src = folder_source(data)
+    cfg = ExtractConfig(backbone=backbone, weights="none")
+    ex = FeatureExtractor(cfg)
+
+    # decode + resize alone, one process
+    for draft in (False, True):
+        pre = type(ex.pre)(**{**ex.pre.__dict__, "jpeg_draft": draft})
+        ds = Decoded(src, pre)
+        t = time.perf_counter()
+        for i in range(len(ds)):
+            ds[i]
+        res[f"decode_draft={draft}"] = rate(len(ds), time.perf_counter() - t)
+
+    # bare forward on decoded tensors, featx's batch size and layout
+    ds = Decoded(src, ex.pre)
+    x_all = torch.stack([ds[i][0] for i in range(len(ds))])
+    b = ex.config.batch_size
+    ex(x_all[:b])  # warm-up
+    t = time.perf_counter()
+    for s in range(0, len(x_all), b):
+        ex(x_all[s:s + b])
+    res["bare"] = rate(len(x_all), time.perf_counter() - t)
+
+    # featx end to end (model load included)
+    t = time.perf_counter()
+    extract(src, out_dir / f"{backbone}.h5", ExtractConfig(backbone=backbone, weights="none"), overwrite=True)
+    res["featx"] = rate(n, time.perf_counter() - t)
+
+    # the tutorial loop
+    weights = torchvision.models.get_model_weights(backbone).DEFAULT
+    model = torchvision.models.get_model(backbone, weights=None).eval()
+    loader = torch.utils.data.DataLoader(
+        torchvision.datasets.ImageFolder(str(data), transform=weights.transforms()), batch_size=b)
+    feats = []
+    t = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in loader:
+            feats.append(model(x))
+    res["naive"] = rate(n, time.perf_counter() - t)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--backbones", nargs="+", default=["resnet50", "mobilenet_v2"])
+    a = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_jpegs(Path(tmp) / "jpegs", a.n)
+        for bk in a.backbones:
+            r = bench(bk, data, Path(tmp), a.n)
+            print(bk, {k: round(v, 1) for k, v in r.items()}, flush=True)
+            rows.append((bk, r))
+    lines = ["| backbone | featx end to end | bare forward (limit) | featx / bare | naive loop | featx / naive "
+             "| decode+resize (full decode) | decode+resize (draft) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for bk, r in rows:
+        lines.append(f"| {bk} | {r['featx']:.1f} | {r['bare']:.1f} | {r['featx'] / r['bare']:.2f} | {r['naive']:.1f} "
+                     f"| {r['featx'] / r['naive']:.2f} | {r['decode_draft=False']:.0f} | {r['decode_draft=True']:.0f} |")
+    update_section("bench_extract", f"""
+## `featx extract` throughput (scripts/bench_extract.py)
+
+{a.n} JPEG photos of 640x480, 224 px input, random weights, images/s, one run. Machine: {machine()}.
+
+{chr(10).join(lines)}
+
+*featx*: `extract()` end to end, model loading and the HDF5 file included. *bare*: the
+forward pass alone on decoded tensors (featx's batch size and channels-last layout).
+*naive*: ImageFolder + `weights.transforms()`, DataLoader without workers, float32,
+`torch.no_grad`, default layout. *decode+resize*: one process, decoding and resizing only;
+*draft* lets libjpeg decode at 1/2 scale when that still covers the 256 px resize.
+""")
+
+
+if __name__ == "__main__":
+    main()
