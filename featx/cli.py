@@ -331,3 +331,74 @@ def predict(model, inputs, out, sheet, weights, batch_size, workers, device, all
     if sheet:
         write_sheet(sheet, res)
         click.echo(f"contact sheet: {sheet}")
+
+
+# -- sweep --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("data", required=False)
+@click.option("--train", "train_path", type=click.Path(), default=None, help="probe the taps of this feature file.")
+@click.option("--val", "val_path", type=click.Path(), default=None, help="validation feature file (with --train).")
+@backbone_option
+@weights_option
+@click.option("--taps", "taps", multiple=True, default=("blocks",), show_default=True,
+              help="'blocks' (every block of the backbone) or layer names; repeatable.")
+@click.option("--pool", "pools", multiple=True, default=("avg",), show_default=True, help="repeatable.")
+@click.option("--clf", type=click.Choice(["logreg"]), default="logreg", show_default=True,
+              help="the probe: featx fit's logistic regression with its C search.")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--val-split", default="val", show_default=True, help="if absent, part of train is held out.")
+@click.option("--val-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
+@click.option("--max-per-class", type=click.IntRange(min=1), default=None, help="subsample for a quick survey.")
+@root_option
+@image_size_option
+@batch_option
+@workers_option
+@device_option
+@seed_option
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="output directory.")
+def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train_split, val_split, val_fraction,
+          max_per_class, root, image_size, batch_size, workers, device, seed, out):
+    """Probe every tap x pooling with a linear classifier; table, plot and advice in OUT."""
+    from featx import sweep as sw
+    from featx.store import FeatureStore
+
+    def show(row):
+        click.echo(f"  {row.tap:28s} dim {row.dim:6d}  val acc {row.val_accuracy:.4f}  ({row.fit_seconds:.1f}s)")
+
+    if (data is None) == (train_path is None):
+        raise FeatxError("give either DATA (images) or --train FEATURES.h5, not both or neither.")
+    if data is not None:
+        for p in pools:
+            from featx.extract import check_pool
+
+            check_pool(p)
+        _, advice = sw.sweep_images(data, out, backbone, weights, list(taps), list(pools), train_split,
+                                    val_split, max_per_class, image_size, root, seed,
+                                    {"batch_size": batch_size, "workers": workers, "device": device},
+                                    progress=show)
+    else:
+        with FeatureStore(train_path) as tr:
+            val = FeatureStore(val_path) if val_path else None
+            try:
+                rows_idx = sw.per_class_subset(tr.labels, max_per_class, seed) if max_per_class else None
+                wanted = None if list(taps) == ["blocks"] else [t for t in tr.taps if tr.tap_info(t)["layer"] in taps
+                                                               or t in taps]
+                rows = sw.probe(tr, val, wanted, rows_idx, val_fraction, seed, progress=show)
+                n_train = len(rows_idx) if rows_idx is not None else len(tr)
+                a = tr.attrs
+                bk = a.get("backbone")
+                try:
+                    blocks = sw.block_taps(bk)
+                except Exception:
+                    blocks = None
+                advice = sw.recommend(rows, n_train, len(tr.classes), bk, None, blocks)
+                sw.write_outputs(out, rows, advice, {"backbone": bk, "weights": a.get("weights"),
+                                                     "features": {"train": train_path, "val": val_path},
+                                                     "n_train": n_train, "classes": tr.classes})
+            finally:
+                if val is not None:
+                    val.close()
+    click.echo("\n".join(advice))
+    click.echo(f"table: {out}/sweep.csv, plot: {out}/accuracy_by_depth.png")

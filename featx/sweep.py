@@ -1,0 +1,227 @@
+"""Which layer, which pooling: a linear probe per tap, from one forward pass.
+
+``featx sweep`` extracts every block of a backbone (or the listed taps) with every
+requested pooling in a single pass over the images (the features are kept as ordinary
+featx files, ready for ``featx fit --tap``), fits the same logistic regression with the
+same regularisation search as ``featx fit`` on each tap, scores it on a validation split,
+and turns the table into advice: which tap and pooling, whether the best tap lies well
+before the last one (the data differ from ImageNet) and what that suggests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featx.errors import FeatxError
+
+# a per-class training count below this is "small" for fine-tuning (transfer-learning
+# guidance: with a few hundred images per class, train a head on frozen features)
+SMALL_PER_CLASS = 1000
+# the best tap must beat the last one by this much to call the data "unlike ImageNet"
+MARGIN = 0.01
+
+
+@dataclass
+class ProbeRow:
+    tap: str  # stored tap name
+    layer: str  # module name
+    depth: int  # position of the layer among the probed layers (0 = nearest the input)
+    pool: str
+    dim: int
+    val_accuracy: float
+    C: float
+    fit_seconds: float
+
+
+class SubsetSource:
+    """Some items of a source (for --max-per-class), keeping the source's order."""
+
+    def __init__(self, source, indices):
+        self._s, self._idx = source, np.asarray(indices)
+        self.ids = [source.ids[i] for i in self._idx]
+        self.labels = source.labels[self._idx]
+        self.classes = source.classes
+
+    def __len__(self):
+        return len(self._idx)
+
+    def open(self, i):
+        return self._s.open(int(self._idx[i]))
+
+    def describe(self):
+        return {**self._s.describe(), "subset": len(self._idx), "n_items": len(self._idx)}
+
+
+def per_class_subset(labels: np.ndarray, max_per_class: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of at most ``max_per_class`` items of each class, sorted (source order)."""
+    if max_per_class is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(idx if len(idx) <= max_per_class else rng.choice(idx, max_per_class, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def probe(train, val, taps: list[str] | None = None, rows: np.ndarray | None = None,
+          val_fraction: float = 0.2, seed: int = 0, progress=None) -> list[ProbeRow]:
+    """Fit `featx fit`'s logistic regression (with its C search) on every tap.
+
+    Args:
+        train: a FeatureStore with the training features (all taps side by side).
+        val: a FeatureStore for validation, or None to hold out ``val_fraction`` of train.
+        taps: stored taps to probe (default: all, in the file's order).
+        rows: training rows to use (a subsample); default all.
+    """
+    from sklearn.model_selection import train_test_split
+
+    from featx.fit import fit_arrays
+
+    taps = taps or train.taps
+    y = train.labels if rows is None else train.labels[rows]
+    if val is None:
+        idx = np.arange(len(y))
+        tr_idx, va_idx = train_test_split(idx, test_size=val_fraction, stratify=y, random_state=seed)
+    layers = list(dict.fromkeys(train.tap_info(t)["layer"] for t in taps))
+    out = []
+    for t in taps:
+        X = train.features(t, rows=rows)
+        if val is None:
+            Xtr, ytr, Xva, yva = X[tr_idx], y[tr_idx], X[va_idx], y[va_idx]
+        else:
+            Xtr, ytr, Xva, yva = X, y, val.features(t), val.labels
+        t0 = time.perf_counter()
+        r = fit_arrays(Xtr, ytr, "logreg", Xva, yva, search="auto", seed=seed, refit=False)
+        info = train.tap_info(t)
+        row = ProbeRow(t, info["layer"], layers.index(info["layer"]), info["pool"], X.shape[1],
+                       r.val_metrics["accuracy"], float(r.params["C"]), time.perf_counter() - t0)
+        out.append(row)
+        if progress:
+            progress(row)
+    return out
+
+
+def recommend(rows: list[ProbeRow], n_train: int, n_classes: int, backbone: str | None = None,
+              data: str | None = None, blocks: list[str] | None = None) -> list[str]:
+    """Advice derived from the probe table; every sentence states the numbers it rests on."""
+    best = max(rows, key=lambda r: (r.val_accuracy, -r.depth))
+    last_depth = max(r.depth for r in rows)
+    last = max((r for r in rows if r.depth == last_depth), key=lambda r: r.val_accuracy)
+    lines = [f"Best: tap {best.layer} with {best.pool} pooling ({best.dim} features), validation accuracy "
+             f"{best.val_accuracy:.4f} (logistic regression, C={best.C:g}).",
+             f"Last tap {last.layer} ({last.pool}): {last.val_accuracy:.4f}."]
+    gap = best.val_accuracy - last.val_accuracy
+    behind = last_depth - best.depth
+    if behind > 0 and gap >= MARGIN:
+        lines.append(f"The best tap lies {behind} probed layer(s) before the last and beats it by {gap:.4f}: "
+                     "the late, ImageNet-specific features fit these data worse, so the data differ from "
+                     "ImageNet. Use the earlier tap:")
+        lines.append(f"    featx fit FEATURES.h5 --tap {best.tap}")
+        if blocks and best.layer in blocks:
+            n_after = len(blocks) - 1 - blocks.index(best.layer)
+            lines.append(f"or fine-tune the {n_after} block(s) after it (they carry the ImageNet-specific features):")
+            lines.append(f"    featx finetune {data or 'DATA'} --backbone {backbone or 'BACKBONE'} --unfreeze {n_after}")
+    else:
+        lines.append(f"The last tap is within {max(gap, 0):.4f} of the best: the final features transfer well "
+                     "(the data resemble ImageNet's); the default tap is a good choice.")
+    per_class = n_train / max(n_classes, 1)
+    if per_class < SMALL_PER_CLASS:
+        lines.append(f"Dataset: {n_train} training images, {per_class:.0f} per class: small for fine-tuning "
+                     f"(< {SMALL_PER_CLASS} per class); frozen features with a linear head, or fine-tuning only "
+                     "the last block(s) with augmentation, are the safer strategies.")
+    else:
+        lines.append(f"Dataset: {n_train} training images, {per_class:.0f} per class: large enough to fine-tune "
+                     "several blocks (or all, with a small backbone learning rate) if frozen features fall short.")
+    return lines
+
+
+def write_outputs(out: str | os.PathLike, rows: list[ProbeRow], advice: list[str], meta: dict) -> Path:
+    """sweep.csv, sweep.json, accuracy_by_depth.png and recommendation.txt in ``out``."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+    (d / "sweep.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows],
+                                              "recommendation": advice}, indent=1))
+    (d / "recommendation.txt").write_text("\n".join(advice) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for pool_ in dict.fromkeys(r.pool for r in rows):
+        pts = sorted((r.depth, r.val_accuracy) for r in rows if r.pool == pool_)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pool_)
+    layers = {r.depth: r.layer for r in rows}
+    ax.set_xticks(sorted(layers))
+    ax.set_xticklabels([layers[k] for k in sorted(layers)], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"linear probe per tap: {meta.get('backbone', '')}")
+    ax.grid(alpha=0.3)
+    ax.legend(title="pooling")
+    fig.tight_layout()
+    fig.savefig(d / "accuracy_by_depth.png", dpi=100)
+    plt.close(fig)
+    return d
+
+
+def block_taps(backbone: str) -> list[str]:
+    from featx import backbones as bb
+
+    return [b.tap for b in bb.blocks_of(backbone, bb._build(backbone, None))]
+
+
+def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[str] | None, pools: list[str],
+                 train_split: str = "train", val_split: str | None = "val", max_per_class: int | None = None,
+                 image_size: int | None = None, root: str = "data", seed: int = 0, extract_kw: dict | None = None,
+                 progress=None):
+    """Extract all taps in one pass per split, then probe them."""
+    from featx.extract import ExtractConfig, extract
+    from featx.sources import open_source
+    from featx.store import FeatureStore
+
+    blocks = block_taps(backbone)
+    layers = blocks if not taps or taps == ["blocks"] else taps
+    cfg = ExtractConfig(backbone=backbone, weights=weights, layers=tuple(layers), pools=tuple(pools),
+                        image_size=image_size, **(extract_kw or {}))
+    out_dir = Path(out)
+    files = {}
+    splits = [("train", train_split)] + ([("val", val_split)] if val_split else [])
+    for name, split in splits:
+        try:
+            src = open_source(data, split=split, root=root)
+        except FeatxError:
+            if name == "val":
+                val_split = None  # no validation split: hold out part of train instead
+                continue
+            raise
+        keep = per_class_subset(src.labels, max_per_class, seed)
+        if len(keep) < len(src):
+            src = SubsetSource(src, keep)
+        files[name] = out_dir / f"features_{name}.h5"
+        extract(src, files[name], cfg)
+    with FeatureStore(files["train"]) as tr:
+        val = FeatureStore(files["val"]) if "val" in files else None
+        try:
+            rows = probe(tr, val, seed=seed, progress=progress)
+            n_train, classes = len(tr), tr.classes
+        finally:
+            if val is not None:
+                val.close()
+    advice = recommend(rows, n_train, len(classes), backbone, data, blocks)
+    meta = {"backbone": backbone, "weights": weights, "features": {k: str(v) for k, v in files.items()},
+            "n_train": n_train, "classes": classes}
+    write_outputs(out_dir, rows, advice, meta)
+    return rows, advice

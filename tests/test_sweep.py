@@ -1,0 +1,77 @@
+import csv
+
+import numpy as np
+
+from featx import sweep as sw
+from featx.store import StoreWriter
+
+from conftest import small_config
+
+
+def store_with_taps(path, taps: dict, y, classes):
+    header = {"backbone": "mobilenet_v2", "weights": "w", "weights_sha256": "", "weights_path": "",
+              "preprocessing": "{}", "pooling": "{}", "taps": "{}", "fingerprint": str(path), "source": "{}"}
+    w = StoreWriter(path, header, len(y), overwrite=True)
+    w.write_shard(0, len(y), taps, y, [f"i{k}" for k in range(len(y))], [], [])
+    w.finalize(classes, next(iter(taps)), {t: {"layer": t.split("@")[0], "pool": t.split("@")[1]} for t in taps})
+    return path
+
+
+def test_best_tap_known_by_construction(tmp_path, run_cli):
+    """The label is visible in an early tap only; deeper taps see a fading copy, the last none."""
+    rng = np.random.default_rng(0)
+    n = 600
+    y = rng.integers(0, 3, n)
+    signal = np.eye(3)[y] * 2.0
+
+    def tap(strength):
+        return (strength * signal @ rng.normal(size=(3, 16)) + rng.normal(size=(n, 16))).astype(np.float32)
+
+    taps = {"features.2@avg": tap(1.0), "features.10@avg": tap(0.3), "features.18@avg": tap(0.0)}
+    path = store_with_taps(tmp_path / "t.h5", taps, y, ["a", "b", "c"])
+    r = run_cli("sweep", "--train", path, "--out", tmp_path / "sw")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    acc = {row["tap"]: float(row["val_accuracy"]) for row in rows}
+    assert acc["features.2@avg"] > acc["features.10@avg"] > acc["features.18@avg"]
+    assert [int(row["depth"]) for row in rows] == [0, 1, 2]
+    assert "Best: tap features.2 with avg pooling" in r.stdout
+    assert "featx fit FEATURES.h5 --tap features.2@avg" in r.stdout
+    assert "--unfreeze 16" in r.stdout  # mobilenet_v2 has blocks features.0..18
+    assert "small for fine-tuning" in r.stdout  # 480 training images
+    assert (tmp_path / "sw" / "accuracy_by_depth.png").stat().st_size > 5000
+    assert (tmp_path / "sw" / "recommendation.txt").read_text().startswith("Best: tap features.2")
+
+
+def test_last_tap_best_says_features_transfer():
+    rows = [sw.ProbeRow("a", "a", 0, "avg", 8, 0.70, 1.0, 0.1), sw.ProbeRow("b", "b", 1, "avg", 8, 0.90, 1.0, 0.1)]
+    advice = sw.recommend(rows, 50_000, 10)
+    assert "transfer well" in advice[2] and "large enough" in advice[3] and "5000 per class" in advice[3]
+
+
+def test_max_per_class_subsample_keeps_order():
+    labels = np.array([0] * 10 + [1] * 3 + [0] * 5)
+    idx = sw.per_class_subset(labels, 4)
+    assert (np.diff(idx) > 0).all()
+    assert np.bincount(labels[idx]).tolist() == [4, 3]
+
+
+def test_sweep_decodes_and_forwards_each_image_once(image_tree, tmp_path, monkeypatch):
+    from featx.extract import TapRecorder
+    from featx.sources import Decoded
+
+    decoded, forwards = [], []
+    real_load, real_run = Decoded.load, TapRecorder.run
+    monkeypatch.setattr(Decoded, "load", lambda self, i: decoded.append(self.source.ids[i]) or real_load(self, i))
+    monkeypatch.setattr(TapRecorder, "run", lambda self, x: forwards.append(len(x)) or real_run(self, x))
+    cfg = small_config()
+    rows, advice = sw.sweep_images(str(image_tree), str(tmp_path / "sw"), "mobilenet_v2", "none", ["blocks"],
+                                   ["avg", "grid2"], image_size=32,
+                                   extract_kw={"batch_size": cfg.batch_size, "workers": 0})
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 18  # 12 train + 6 val, once each
+    assert forwards == [4, 4, 4, 4, 2]  # one forward per batch serves 19 blocks x 2 poolings
+    assert len(rows) == 38 and {r.pool for r in rows} == {"avg", "grid2"}
+    from featx.store import FeatureStore
+
+    with FeatureStore(tmp_path / "sw" / "features_train.h5") as fs:  # kept for `featx fit --tap`
+        assert len(fs.taps) == 38 and len(fs) == 12
