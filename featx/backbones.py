@@ -367,7 +367,7 @@ def load_backbone(name: str, weights: Weights) -> nn.Module:
             from featx.finetune import replace_head  # a fine-tuned MLP head has extra layers
 
             model = _build(name, None)
-            replace_head(name, model, weights.meta["num_classes"], "mlp")
+            replace_head(name, model, weights.meta["num_classes"], "mlp", weights.meta.get("hidden", 512))
             try:
                 model.load_state_dict(obj)
             except RuntimeError as e:

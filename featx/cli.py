@@ -402,3 +402,56 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
                     val.close()
     click.echo("\n".join(advice))
     click.echo(f"table: {out}/sweep.csv, plot: {out}/accuracy_by_depth.png")
+
+
+# -- fine-tuning --------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("data")
+@click.option("--split", default="train", show_default=True, help="training split (subfolder or torchvision split).")
+@click.option("--val-split", default="val", show_default=True, help="validation split; if absent, none is used.")
+@root_option
+@backbone_option
+@weights_option
+@click.option("--unfreeze", default="0", show_default=True, help="0 (head only), N (last N blocks) or all.")
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=1, show_default=True,
+              help="head-only epochs before the blocks are unfrozen.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="head learning rate.")
+@click.option("--backbone-lr-mult", type=float, default=0.1, show_default=True, help="backbone lr = lr x this, in (0, 1].")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.0, show_default=True)
+@click.option("--augment", type=click.Choice(["default", "none"]), default="default", show_default=True)
+@image_size_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@workers_option
+@device_option
+@seed_option
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="run directory.")
+def finetune(data, split, val_split, root, backbone, weights, unfreeze, head, epochs, warmup_epochs, lr,
+             backbone_lr_mult, optimizer, label_smoothing, augment, image_size, batch_size, workers, device, seed,
+             resume, out):
+    """Fine-tune BACKBONE on DATA: a new head, plus the last N blocks (or all)."""
+    from featx.backbones import check_backbone
+    from featx.finetune import FinetuneConfig
+    from featx.finetune import finetune as run
+    from featx.sources import open_source
+
+    check_backbone(backbone)
+    train = open_source(data, split=split, root=root)
+    try:
+        val = open_source(data, split=val_split, root=root) if val_split else None
+    except FeatxError:
+        click.echo(f"no validation split {val_split!r}: training without validation.", err=True)
+        val = None
+    if val is not None and list(val.classes) != list(train.classes):
+        raise FeatxError(f"validation classes {val.classes} differ from training classes {train.classes}.")
+    config = FinetuneConfig(backbone=backbone, weights=weights, unfreeze=unfreeze, head=head, epochs=epochs,
+                            warmup_epochs=warmup_epochs, lr=lr, backbone_lr_mult=backbone_lr_mult,
+                            optimizer=optimizer, label_smoothing=label_smoothing, augment=augment,
+                            image_size=image_size, batch_size=batch_size, workers=workers, device=device, seed=seed)
+    r = run(train, val, out, config, resume=resume, log=click.echo)
+    click.echo(f"weights: {r['weights']} (+ backbone.json); metrics: {out}/metrics.csv, {out}/training_curves.png")

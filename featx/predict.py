@@ -57,6 +57,8 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
     from featx import bundle as bundle_mod
     from featx.extract import ExtractConfig, FeatureExtractor, iterate
 
+    if str(model).endswith((".pt", ".pth")):
+        return predict_with_network(model, inputs, batch_size, workers, device)
     b = bundle_mod.load(model, allow_pickle=allow_pickle)
     m = b.meta
     config = ExtractConfig(backbone=m["backbone"], weights=_weights_for(m, weights), layers=(m["layer"],),
@@ -90,6 +92,41 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
             order[i] = {"id": source.ids[i], "index": i, "predicted": None, "probabilities": None, "error": err}
     result.rows = [order[i] for i in sorted(order)]
     return result
+
+
+def predict_with_network(weights_file: str, inputs: list[str], batch_size=None, workers=None,
+                         device: str = "auto") -> PredictResult:
+    """Classify with a fine-tuned network's own head (``featx finetune``'s backbone.pt)."""
+    from featx.extract import ExtractConfig, FeatureExtractor, iterate
+
+    if not Path(weights_file).is_file():
+        raise FeatxError(f"weights file {weights_file} does not exist.")
+    import torch
+
+    meta = torch.load(weights_file, map_location="cpu", weights_only=True)
+    meta = meta.get("featx") if isinstance(meta, dict) else None
+    if not meta or meta.get("featx") != "finetune":
+        raise FeatxError(f"{weights_file} is not a featx fine-tuned network; give a model bundle (.skops) instead.")
+    head = meta["head_module"] + (".3" if meta["head"] == "mlp" else "")
+    config = ExtractConfig(backbone=meta["backbone"], weights=weights_file, layers=(head,), pools=("avg",),
+                           batch_size=batch_size, workers=workers, device=device)
+    extractor = FeatureExtractor(config)
+    source = _open_inputs(inputs)
+    classes = meta["classes"]
+    res = PredictResult(classes, source=source, preprocessing=extractor.pre)
+    order: dict[int, dict] = {}
+    for _, good, feats, bad in iterate(source, extractor, range(len(source))):
+        if good:
+            logits = feats[head]
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            for k, i in enumerate(good):
+                order[i] = {"id": source.ids[i], "index": i, "predicted": classes[int(p[k].argmax())],
+                            "probabilities": dict(zip(classes, map(float, p[k]))), "error": None}
+        for i, err in bad:
+            order[i] = {"id": source.ids[i], "index": i, "predicted": None, "probabilities": None, "error": err}
+    res.rows = [order[i] for i in sorted(order)]
+    return res
 
 
 def write_predictions(path: str | os.PathLike, res: PredictResult) -> None:

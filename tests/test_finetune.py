@@ -1,0 +1,125 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from featx.errors import FeatxError
+from featx.finetune import FinetuneConfig, apply_freeze, finetune, replace_head, train_mode, trainable_prefixes
+from featx.sources import folder_source
+
+from conftest import BACKBONE
+
+
+def cfg(**kw):
+    base = dict(backbone=BACKBONE, weights="none", image_size=32, batch_size=4, workers=0, epochs=2,
+                warmup_epochs=0, lr=1e-2, backbone_lr_mult=0.5)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def model_with_head(unfreeze):
+    from featx import backbones as bb
+
+    model = bb._build(BACKBONE, None)
+    head = replace_head(BACKBONE, model, 2)
+    apply_freeze(model, trainable_prefixes(BACKBONE, model, unfreeze, head))
+    return model, head
+
+
+def test_only_chosen_blocks_train_and_change(image_tree, tmp_path):
+    model, head = model_with_head("2")
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"features.17", "features.18", "classifier.1"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    train_mode(model)
+    x = torch.randn(4, 3, 32, 32)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1])).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        assert changed == p.requires_grad, n
+
+
+def test_frozen_batchnorm_keeps_its_statistics():
+    model, _ = model_with_head("1")
+    frozen_bn = model.features[3].conv[0][1]
+    live_bn = model.features[18][1]
+    f0, l0 = frozen_bn.running_mean.clone(), live_bn.running_mean.clone()
+    train_mode(model)
+    assert not frozen_bn.training and live_bn.training
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(frozen_bn.running_mean, f0)
+    assert not torch.equal(live_bn.running_mean, l0)
+
+
+def test_a_few_cpu_steps_lower_the_training_loss(image_tree, tmp_path):
+    src = folder_source(image_tree, "train")
+    r = finetune(src, None, tmp_path / "run", cfg(epochs=4, unfreeze="all", augment="none", lr=3e-3))
+    losses = [row["train_loss"] for row in r["history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_resume_continues_the_schedule(image_tree, tmp_path):
+    train, val = folder_source(image_tree, "train"), folder_source(image_tree, "val")
+    straight = finetune(train, val, tmp_path / "a", cfg(unfreeze="1"))
+    # a run "killed" after its first epoch: stop after 3 steps (= 1 epoch of 12 images)
+    finetune(train, val, tmp_path / "b", cfg(unfreeze="1"), max_steps=3)
+    with pytest.raises(FeatxError, match="--resume"):
+        finetune(train, val, tmp_path / "b", cfg(unfreeze="1"))
+    resumed = finetune(train, val, tmp_path / "b", cfg(unfreeze="1"), resume=True)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    rows = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and "val_acc" in rows[0]
+    assert (tmp_path / "b" / "training_curves.png").exists()
+
+
+def test_exported_weights_round_trip_into_extract_and_predict(image_tree, tmp_path, run_cli):
+    train, val = folder_source(image_tree, "train"), folder_source(image_tree, "val")
+    finetune(train, val, tmp_path / "run", cfg(unfreeze="1", head="mlp", epochs=1))
+    meta = json.loads((tmp_path / "run" / "backbone.json").read_text())
+    assert meta["classes"] == ["blue", "red"] and meta["head"] == "mlp"
+    w = tmp_path / "run" / "backbone.pt"
+    r = run_cli("extract", image_tree, "--split", "val", "-b", BACKBONE, "--weights", w, "--layer", "classifier.1.3",
+                "--out", tmp_path / "logits.h5")
+    assert r.exit_code == 0, r.output
+    from featx.store import FeatureStore
+
+    with FeatureStore(tmp_path / "logits.h5") as fs:
+        assert fs.dim() == 2 and '"crop": 32' in fs.attrs["preprocessing"]  # the run's own preprocessing
+        from_extract = {i: meta["classes"][int(k)] for i, k in zip(fs.ids, fs.features().argmax(1))}
+    r = run_cli("predict", w, image_tree / "val", "--out", tmp_path / "p.csv")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert {"val/" + row["id"]: row["predicted"] for row in rows} == from_extract
+    r = run_cli("extract", image_tree, "--split", "val", "-b", BACKBONE, "--weights", w, "--out", tmp_path / "f.h5")
+    assert r.exit_code == 0 and "6 rows" in r.stdout  # fine-tuned features for `featx fit`
+
+
+def test_clear_errors(image_tree, tmp_path):
+    train = folder_source(image_tree, "train")
+    with pytest.raises(FeatxError, match="has 19 blocks"):
+        finetune(train, None, tmp_path / "x", cfg(unfreeze="40"))
+    with pytest.raises(FeatxError, match="must be 0, a number of blocks, or all"):
+        finetune(train, None, tmp_path / "x", cfg(unfreeze="some"))
+    with pytest.raises(FeatxError, match="out of range"):
+        finetune(train, None, tmp_path / "x", cfg(backbone_lr_mult=2.0))
+    with pytest.raises(FeatxError, match="single class"):
+        finetune(folder_source(image_tree / "train", "red").__class__(image_tree, ["train/red/0.jpg"], [0], ["red"], {}),
+                 None, tmp_path / "x", cfg())
+
+
+def test_cli_finetune_prints_epochs(image_tree, tmp_path, run_cli):
+    r = run_cli("finetune", image_tree, "--backbone", BACKBONE, "--weights", "none", "--image-size", "32",
+                "--epochs", "2", "--unfreeze", "1", "--batch-size", "4", "--workers", "0", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert "epoch 1/2 [head] train loss" in r.stdout and "epoch 2/2 [unfreeze 1]" in r.stdout and "val loss" in r.stdout
+    r = run_cli("finetune", tmp_path / "empty", "--out", tmp_path / "run2")
+    assert r.exit_code == 1 and "does not exist" in r.stderr
