@@ -94,9 +94,12 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
     return result
 
 
-def predict_with_network(weights_file: str, inputs: list[str], batch_size=None, workers=None,
+def predict_with_network(weights_file: str, inputs, batch_size=None, workers=None,
                          device: str = "auto") -> PredictResult:
-    """Classify with a fine-tuned network's own head (``featx finetune``'s backbone.pt)."""
+    """Classify with a fine-tuned network's own head (``featx finetune``'s backbone.pt).
+
+    ``inputs`` is a list of paths (as for the CLI) or a source.
+    """
     from featx.extract import ExtractConfig, FeatureExtractor, iterate
 
     if not Path(weights_file).is_file():
@@ -111,7 +114,7 @@ def predict_with_network(weights_file: str, inputs: list[str], batch_size=None, 
     config = ExtractConfig(backbone=meta["backbone"], weights=weights_file, layers=(head,), pools=("avg",),
                            batch_size=batch_size, workers=workers, device=device)
     extractor = FeatureExtractor(config)
-    source = _open_inputs(inputs)
+    source = _open_inputs(inputs) if isinstance(inputs, (list, tuple)) else inputs
     classes = meta["classes"]
     res = PredictResult(classes, source=source, preprocessing=extractor.pre)
     order: dict[int, dict] = {}

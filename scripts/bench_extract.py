@@ -72,20 +72,25 @@ def bench(backbone: str, data: Path, out_dir: Path, n: int) -> dict:
             ds[i]
         res[f"decode_draft={draft}"] = rate(len(ds), time.perf_counter() - t)
 
-    # bare forward on decoded tensors, featx's batch size and layout
+    # bare forward on decoded tensors, featx's batch size and layout; measured before and
+    # after featx's run and averaged, because this machine's speed drifts
     ds = Decoded(src, ex.pre)
     x_all = torch.stack([ds[i][0] for i in range(len(ds))])
     b = ex.config.batch_size
     ex(x_all[:b])  # warm-up
-    t = time.perf_counter()
-    for s in range(0, len(x_all), b):
-        ex(x_all[s:s + b])
-    res["bare"] = rate(len(x_all), time.perf_counter() - t)
 
+    def bare() -> float:
+        t = time.perf_counter()
+        for s in range(0, len(x_all), b):
+            ex(x_all[s:s + b])
+        return time.perf_counter() - t
+
+    bare_s = bare()
     # featx end to end (model load included)
     t = time.perf_counter()
     extract(src, out_dir / f"{backbone}.h5", ExtractConfig(backbone=backbone, weights="none"), overwrite=True)
     res["featx"] = rate(n, time.perf_counter() - t)
+    res["bare"] = rate(len(x_all), (bare_s + bare()) / 2)
 
     # the tutorial loop
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
@@ -103,7 +108,7 @@ def bench(backbone: str, data: Path, out_dir: Path, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--n", type=int, default=384)
     ap.add_argument("--backbones", nargs="+", default=["resnet50", "mobilenet_v2"])
     a = ap.parse_args()
     rows = []
@@ -127,7 +132,8 @@ def main() -> None:
 {chr(10).join(lines)}
 
 *featx*: `extract()` end to end, model loading and the HDF5 file included. *bare*: the
-forward pass alone on decoded tensors (featx's batch size and channels-last layout).
+forward pass alone on decoded tensors (featx's batch size and channels-last layout), the
+mean of one pass before and one after featx's run (this machine's speed drifts by ~10 %).
 *naive*: ImageFolder + `weights.transforms()`, DataLoader without workers, float32,
 `torch.no_grad`, default layout. *decode+resize*: one process, decoding and resizing only;
 *draft* lets libjpeg decode at 1/2 scale when that still covers the 256 px resize.
