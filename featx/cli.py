@@ -386,7 +386,7 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
                 wanted = None if list(taps) == ["blocks"] else [t for t in tr.taps if tr.tap_info(t)["layer"] in taps
                                                                or t in taps]
                 rows = sw.probe(tr, val, wanted, rows_idx, val_fraction, seed, progress=show)
-                n_train = len(rows_idx) if rows_idx is not None else len(tr)
+                n_train = len(tr)  # the data set's size decides "small or large", not the probe's subsample
                 a = tr.attrs
                 bk = a.get("backbone")
                 try:

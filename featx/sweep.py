@@ -85,7 +85,7 @@ def probe(train, val, taps: list[str] | None = None, rows: np.ndarray | None = N
 
     from featx.fit import fit_arrays
 
-    taps = taps or train.taps
+    taps = _in_depth_order(train, taps or train.taps)
     y = train.labels if rows is None else train.labels[rows]
     if val is None:
         idx = np.arange(len(y))
@@ -107,6 +107,18 @@ def probe(train, val, taps: list[str] | None = None, rows: np.ndarray | None = N
         if progress:
             progress(row)
     return out
+
+
+def _in_depth_order(store, taps: list[str]) -> list[str]:
+    """Order taps input side first: by the backbone's blocks when they are blocks, else as stored."""
+    try:
+        blocks = block_taps(store.attrs.get("backbone"))
+    except Exception:
+        return list(taps)
+    layer = {t: store.tap_info(t)["layer"] for t in taps}
+    if not all(layer[t] in blocks for t in taps):
+        return list(taps)
+    return sorted(taps, key=lambda t: blocks.index(layer[t]))  # stable: poolings keep their order
 
 
 def recommend(rows: list[ProbeRow], n_train: int, n_classes: int, backbone: str | None = None,
@@ -208,6 +220,8 @@ def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[st
                 continue
             raise
         keep = per_class_subset(src.labels, max_per_class, seed)
+        if name == "train":
+            n_full = len(src)  # the data set's size decides "small or large", not the subsample
         if len(keep) < len(src):
             src = SubsetSource(src, keep)
         files[name] = out_dir / f"features_{name}.h5"
@@ -216,7 +230,7 @@ def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[st
         val = FeatureStore(files["val"]) if "val" in files else None
         try:
             rows = probe(tr, val, seed=seed, progress=progress)
-            n_train, classes = len(tr), tr.classes
+            n_train, classes = n_full, tr.classes
         finally:
             if val is not None:
                 val.close()

@@ -42,7 +42,7 @@ def main() -> None:
         rows_idx = sw.per_class_subset(tr.labels, a.max_per_class)
         rows = sw.probe(tr, None, rows=rows_idx, progress=lambda r: print(
             f"  {r.tap:22s} dim {r.dim:5d}  val acc {r.val_accuracy:.4f}", flush=True))
-        advice = sw.recommend(rows, len(rows_idx), len(tr.classes), "mobilenet_v2", "torchvision:FashionMNIST",
+        advice = sw.recommend(rows, len(tr), len(tr.classes), "mobilenet_v2", "torchvision:FashionMNIST",
                               sw.block_taps("mobilenet_v2"))
         sw.write_outputs(out, rows, advice, {"backbone": "mobilenet_v2", "n_train": len(rows_idx)})
     sweep_s = time.perf_counter() - t0
