@@ -17,7 +17,8 @@ done
 $FEATX info $D/train.h5
 $FEATX fit $D/train.h5 --clf logreg --out $D/logreg.skops
 $FEATX evaluate $D/logreg.skops $D/test.h5 --report $D/report
-# a dozen test images as "new" photos (awk reads all its input: no SIGPIPE under pipefail)
-NEW=$(ls $D/fashion/test/*/*.png | awk 'NR % 84 == 1')
-$FEATX predict $D/logreg.skops $NEW --out $D/predictions.csv --sheet $D/predictions.png
+# a dozen test images as "new" photos, given as a list (paths relative to the list file;
+# class names have spaces; awk reads all its input, so no SIGPIPE under pipefail)
+(cd $D && ls fashion/test/*/*.png | awk 'NR % 84 == 1') > $D/new_images.csv
+$FEATX predict $D/logreg.skops $D/new_images.csv --out $D/predictions.csv --sheet $D/predictions.png
 echo "demo done: see $D/report/ (metrics, confusion matrix) and $D/predictions.csv, $D/predictions.png"
