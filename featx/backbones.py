@@ -449,7 +449,7 @@ def describe(name: str) -> dict:
     fam = family_of(name)
     info = {"name": name, "default_tap": fam.default_tap or "(input of last Linear)", "dim": None}
     enum = _weights_enum(name)
-    info["weights_local"] = bool(enum) and cached_file(enum.DEFAULT).exists()
+    info["weights_local"] = [e.name for e in enum or () if cached_file(e).exists()]
     size = 299 if name == "inception_v3" else 224
     from featx.extract import TapRecorder
 

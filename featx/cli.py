@@ -127,10 +127,11 @@ def backbones(name, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    click.echo(f"{'backbone':28s} {'default tap':34s} {'dim':>6s}  weights")
+    click.echo(f"{'backbone':28s} {'default tap':34s} {'dim':>6s}  ImageNet weights in the torch hub cache")
     for r in rows:
         dim = str(r["dim"]) if r["dim"] else "?"
-        click.echo(f"{r['name']:28s} {r['default_tap']:34s} {dim:>6s}  {'local' if r['weights_local'] else 'download'}")
+        local = ", ".join(r["weights_local"]) or "none (downloaded on first use)"
+        click.echo(f"{r['name']:28s} {r['default_tap']:34s} {dim:>6s}  {local}")
 
 
 @main.command()

@@ -38,3 +38,20 @@ def test_backbones_lists_and_describes(run_cli):
     r = run_cli("backbones", "vgg16")
     assert r.exit_code == 0
     assert "default tap features" in r.stdout and "features.30" in r.stdout and "fc7=classifier.4" in r.stdout
+
+
+def test_backbones_listing_covers_the_zoo(tmp_path, monkeypatch, run_cli):
+    import json
+
+    ckpt = tmp_path / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mobilenet_v2-b0353104.pth").write_bytes(b"")  # what `featx weights import` leaves there
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    r = run_cli("backbones", "--json")
+    assert r.exit_code == 0
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert len(rows) > 50
+    dims = {n: rows[n]["dim"] for n in ("alexnet", "vgg16", "resnet50", "inception_v3", "mobilenet_v2")}
+    assert dims == {"alexnet": 256, "vgg16": 512, "resnet50": 2048, "inception_v3": 2048, "mobilenet_v2": 1280}
+    assert rows["mobilenet_v2"]["weights_local"] == ["IMAGENET1K_V1"] and rows["resnet50"]["weights_local"] == []
+    assert rows["vit_b_16"]["default_tap"] == "heads.head:input" and rows["vit_b_16"]["dim"] == 768
