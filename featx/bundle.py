@@ -26,7 +26,6 @@ BUNDLE_VERSION = 1
 # Types beyond skops' own safe defaults (scikit-learn, numpy, builtins) that a featx bundle
 # may contain.  Anything else in a file is refused before loading.
 ALLOWED_TYPES = frozenset({"featx.linear.FastLogisticRegression"})
-PROVENANCE_KEYS = ("backbone", "weights", "weights_sha256", "tap", "layer", "pool", "preprocessing", "dim")
 
 
 @dataclass

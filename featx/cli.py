@@ -36,10 +36,6 @@ precision_option = click.option("--precision", type=click.Choice(["auto", "fp32"
 seed_option = click.option("--seed", type=int, default=0, show_default=True)
 
 
-def _fail(msg: str):
-    raise FeatxError(msg)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featx")
 def main():
@@ -151,7 +147,7 @@ def info(path, as_json):
     click.echo(f"{path}: complete, {d['format']}")
     click.echo(f"  rows {d['rows']}, failed {d['failed']}, classes {len(d['classes'])}: {', '.join(d['classes'][:10])}")
     click.echo(f"  backbone {d['backbone']}, weights {d['weights']} (sha256 {str(d['weights_sha256'])[:12]})")
-    click.echo(f"  taps: " + ", ".join(f"{t} ({dim})" for t, dim in d["taps"].items()) + f"; default {d['default_tap']}")
+    click.echo("  taps: " + ", ".join(f"{t} ({dim})" for t, dim in d["taps"].items()) + f"; default {d['default_tap']}")
     click.echo(f"  preprocessing {d['preprocessing']}")
     click.echo(f"  source {d['source']}")
     click.echo(f"  made by featx {d['featx_version']}, torch {d['torch_version']}, torchvision "

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -387,7 +387,3 @@ def _failed_of(out) -> list[tuple[str, str]]:
 
     with FeatureStore(out) as fs:
         return fs.failed
-
-
-def config_dict(config: ExtractConfig) -> dict:
-    return asdict(config)

@@ -15,7 +15,7 @@ from featx.extract import FeatureExtractor, TapRecorder, extract, pool
 from featx.sources import folder_source
 from featx.store import FeatureStore, parts_dir
 
-from conftest import make_image, small_config
+from conftest import small_config
 
 
 @pytest.mark.parametrize("name,size,dim", [

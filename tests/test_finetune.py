@@ -1,7 +1,6 @@
 import csv
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -64,7 +63,7 @@ def test_a_few_cpu_steps_lower_the_training_loss(image_tree, tmp_path):
 
 def test_resume_continues_the_schedule(image_tree, tmp_path):
     train, val = folder_source(image_tree, "train"), folder_source(image_tree, "val")
-    straight = finetune(train, val, tmp_path / "a", cfg(unfreeze="1"))
+    finetune(train, val, tmp_path / "a", cfg(unfreeze="1"))  # uninterrupted reference
     # a run "killed" after its first epoch: stop after 3 steps (= 1 epoch of 12 images)
     finetune(train, val, tmp_path / "b", cfg(unfreeze="1"), max_steps=3)
     with pytest.raises(FeatxError, match="--resume"):

@@ -94,3 +94,7 @@ def test_real_imagenet_weights_recognise_a_photograph(tmp_path, monkeypatch, run
     logits = ex(t[None])["classifier.1"][0]
     categories = ex.weights.enum.meta["categories"]
     assert categories[int(np.argmax(logits))] == "palace"
+    # the same file given by path is recognised as torchvision's (id, preprocessing, hash)
+    w = bb.resolve_weights("mobilenet_v2", str(src_file))
+    bb.load_backbone("mobilenet_v2", w)
+    assert w.id == "MobileNet_V2_Weights.IMAGENET1K_V1" and w.sha256 == ex.weights.sha256
