@@ -32,6 +32,17 @@ def test_svm_switches_to_kernel_approximation_for_many_samples():
     assert "rbf" in big.named_steps and type(big.named_steps["rbf"]).__name__ == "Nystroem"
 
 
+def test_kernel_approximation_path_fits_and_gives_probabilities(monkeypatch):
+    import featx.classifiers as c
+
+    monkeypatch.setattr(c, "SVC_MAX_SAMPLES", 100)
+    X, y = blobs(n=400)
+    r = fit_arrays(X, y, "svm", search="none")
+    assert "rbf" in r.pipeline.named_steps
+    assert evaluate(r.pipeline, X, y)["accuracy"] > 0.95
+    np.testing.assert_allclose(r.pipeline.predict_proba(X[:5]).sum(1), 1, atol=1e-6)
+
+
 def test_warm_started_path_selects_like_independent_fits():
     """The warm-start speed-up must not change which C wins, nor its validation accuracy."""
     from sklearn.linear_model import LogisticRegression
