@@ -420,7 +420,8 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
 @click.option("--backbone-lr-mult", type=float, default=0.1, show_default=True, help="backbone lr = lr x this, in (0, 1].")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.0, show_default=True)
-@click.option("--augment", type=click.Choice(["default", "none"]), default="default", show_default=True)
+@click.option("--augment", type=click.Choice(["default", "light", "none"]), default="default", show_default=True,
+              help="default: crop, flip, shear/zoom, colour; light: flip + shear/zoom; none.")
 @image_size_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @workers_option

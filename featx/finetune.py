@@ -49,7 +49,7 @@ class FinetuneConfig:
     optimizer: str = "adamw"  # adamw | sgd
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
-    augment: str = "default"  # default | none
+    augment: str = "default"  # default | light (flip + shear/zoom only) | none
     image_size: int | None = None
     batch_size: int = 32
     workers: int | None = None
@@ -133,10 +133,14 @@ class TrainImages(torch.utils.data.Dataset):
             return None, i, f"{type(e).__name__}: {e}"
 
 
-def transforms(pre: bb.Preprocess, augment: bool):
+def transforms(pre: bb.Preprocess, augment: str | bool):
+    """Training augmentation: "default", "light" or "none"/False (validation's resize + crop)."""
     interp = T.InterpolationMode(pre.interpolation)
-    if not augment:
-        return T.Compose([T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(pre.crop)])
+    plain = [T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(pre.crop)]
+    if augment in (False, "none"):
+        return T.Compose(plain)
+    if augment == "light":  # the course's ImageDataGenerator: flip, shear, zoom; nothing cropped away
+        return T.Compose(plain + [T.RandomHorizontalFlip(), T.RandomAffine(degrees=0, shear=10, scale=(0.9, 1.1))])
     # the course's RandomAffine shear/zoom and horizontal flip, plus random resized crop and
     # colour jitter
     return T.Compose([
@@ -262,7 +266,7 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
         model.eval()
         loss_sum, correct, n = 0.0, 0, 0
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            for x, good, _ in batches(source, transforms(pre, False), False, 0):
+            for x, good, _ in batches(source, transforms(pre, "none"), False, 0):
                 if x is None:
                     continue
                 y = torch.as_tensor(source.labels[good], device=device)
@@ -272,7 +276,9 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
                 n += len(good)
         return loss_sum / max(n, 1), correct / max(n, 1)
 
-    train_tf = transforms(pre, c.augment != "none")
+    if c.augment not in ("default", "light", "none"):
+        raise FeatxError(f"--augment {c.augment!r} is not one of default, light, none.")
+    train_tf = transforms(pre, c.augment)
     for epoch in range(start_epoch, c.epochs):
         t0 = time.perf_counter()
         head_only = epoch < warmup

@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--backbone-lr-mult", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--augment", default="default", choices=["default", "light", "none"])
     ap.add_argument("--out", type=Path, default=ROOT / "cache" / "finetune_fashion_mnist")
     a = ap.parse_args()
     import subprocess
@@ -55,7 +56,8 @@ def main() -> None:
     train, val = SubsetSource(full, np.sort(order[5000:])), SubsetSource(full, np.sort(order[:5000]))
     cfg = FinetuneConfig(backbone="mobilenet_v2", weights="IMAGENET1K_V1", unfreeze=a.unfreeze, epochs=a.epochs,
                          warmup_epochs=a.warmup_epochs, lr=a.lr, backbone_lr_mult=a.backbone_lr_mult,
-                         image_size=a.image_size, batch_size=a.batch_size, label_smoothing=a.label_smoothing)
+                         image_size=a.image_size, batch_size=a.batch_size, label_smoothing=a.label_smoothing,
+                         augment=a.augment)
     t0 = time.perf_counter()
     r = finetune(train, val, a.out, cfg, resume=(a.out / "checkpoint.pt").exists(), log=lambda s: print(s, flush=True))
     acc = test_accuracy(a.out / "backbone.pt", test)
@@ -65,12 +67,12 @@ def main() -> None:
     for h in r["history"]:
         rows.append(f"| {h['epoch']} | {h['phase']} | {h['train_loss']:.4f} | {h['train_acc']:.4f} | "
                     f"{h['val_loss']:.4f} | {h['val_acc']:.4f} | {h['seconds']:.0f} |")
-    update_section("bench_finetune", f"""
+    update_section(f"bench_finetune_{a.augment}", f"""
 ## `featx finetune` on Fashion-MNIST (scripts/bench_finetune.py)
 
 mobilenet_v2 from ImageNet weights (IMAGENET1K_V1), `--unfreeze {a.unfreeze}`, {a.image_size} px,
 {a.epochs} epochs ({a.warmup_epochs} head-only), AdamW, head lr {a.lr:g}, backbone lr x {a.backbone_lr_mult:g},
-label smoothing {a.label_smoothing:g}, batch {a.batch_size}, default augmentation; 55,000 training images,
+label smoothing {a.label_smoothing:g}, batch {a.batch_size}, `--augment {a.augment}`; 55,000 training images,
 5,000 held out for model selection. Machine: {machine()}.
 
 **Test accuracy {acc:.4f}** on the 10,000 test images, whole run {wall / 60:.1f} min (training,

@@ -102,6 +102,17 @@ def test_exported_weights_round_trip_into_extract_and_predict(image_tree, tmp_pa
     assert r.exit_code == 0 and "6 rows" in r.stdout  # fine-tuned features for `featx fit`
 
 
+def test_augmentation_presets():
+    from featx.backbones import Preprocess
+    from featx.finetune import transforms
+
+    pre = Preprocess(36, 32, (0.5,) * 3, (0.5,) * 3)
+    names = {k: [type(t).__name__ for t in transforms(pre, k).transforms] for k in ("default", "light", "none")}
+    assert "RandomResizedCrop" in names["default"] and "ColorJitter" in names["default"]
+    assert "RandomAffine" in names["light"] and "RandomResizedCrop" not in names["light"]
+    assert names["none"] == ["Resize", "CenterCrop"]
+
+
 def test_clear_errors(image_tree, tmp_path):
     train = folder_source(image_tree, "train")
     with pytest.raises(FeatxError, match="has 19 blocks"):
