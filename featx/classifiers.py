@@ -57,8 +57,8 @@ def make_classifier(name: str, n_samples: int | None = None, class_weight: str |
         if n_samples is not None and n_samples > SVC_MAX_SAMPLES:
             linear = LinearSVC(C=C, class_weight=class_weight, dual="auto", random_state=seed)
             clf = CalibratedClassifierCV(linear, cv=3, method="sigmoid")
-            return Pipeline([scale, ("rbf", Nystroem(n_components=params.pop("n_components", 1024),
-                                                     random_state=seed)), ("clf", clf)])
+            k = min(params.pop("n_components", 1024), n_samples)
+            return Pipeline([scale, ("rbf", Nystroem(n_components=k, random_state=seed)), ("clf", clf)])
         # probabilities by Platt scaling on internal folds (scikit-learn's replacement for
         # the deprecated SVC(probability=True))
         clf = CalibratedClassifierCV(SVC(C=C, kernel="rbf", gamma="scale", class_weight=class_weight,
