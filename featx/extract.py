@@ -325,8 +325,8 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
     header["source"] = json.dumps(source.describe())
     writer = StoreWriter(out, header, len(source), overwrite=overwrite)
     if writer.already_complete:
-        with_rows = _rows_of(out)
-        return ExtractResult(str(out), len(source), with_rows, [], len(source), 0.0, True)
+        n_rows, _ = _summary_of(out)
+        return ExtractResult(str(out), len(source), n_rows, [], len(source), 0.0, True)
     items = items or range(len(source))
     b = config.batch_size
     shard_items = max(b, (shard_items or max(4096, b)) // b * b)
@@ -355,8 +355,7 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
                 taps, rows, fails, start = {k: [] for k in extractor.taps}, [], [], stop
     if finalize and not writer.missing():
         writer.finalize(source.classes, extractor.default_tap, extractor.tap_info(), config.dtype)
-        n_rows = _rows_of(out)
-        failed = _failed_of(out)
+        n_rows, failed = _summary_of(out)
     else:
         n_rows, failed = -1, failed_all
     return ExtractResult(str(out), len(source), n_rows, failed, resumed, time.perf_counter() - t0)
@@ -375,15 +374,9 @@ def _gaps(done: list[tuple[int, int]], items: range) -> list[range]:
     return gaps
 
 
-def _rows_of(out) -> int:
+def _summary_of(out) -> tuple[int, list[tuple[str, str]]]:
+    """Rows and failures of a finished file (opened once)."""
     from featx.store import FeatureStore
 
     with FeatureStore(out) as fs:
-        return len(fs)
-
-
-def _failed_of(out) -> list[tuple[str, str]]:
-    from featx.store import FeatureStore
-
-    with FeatureStore(out) as fs:
-        return fs.failed
+        return len(fs), fs.failed

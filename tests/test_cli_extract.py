@@ -55,3 +55,19 @@ def test_backbones_listing_covers_the_zoo(tmp_path, monkeypatch, run_cli):
     assert dims == {"alexnet": 256, "vgg16": 512, "resnet50": 2048, "inception_v3": 2048, "mobilenet_v2": 1280}
     assert rows["mobilenet_v2"]["weights_local"] == ["IMAGENET1K_V1"] and rows["resnet50"]["weights_local"] == []
     assert rows["vit_b_16"]["default_tap"] == "heads.head:input" and rows["vit_b_16"]["dim"] == 768
+
+
+def test_bad_option_values_are_one_sentence(image_tree, tmp_path, run_cli):
+    base = ["extract", image_tree, "--split", "val", "-b", "mobilenet_v2", "--weights", "none", "--out", tmp_path / "f.h5"]
+    r = run_cli(*base, "--device", "gpu7")
+    assert r.exit_code == 1 and "--device 'gpu7' is not a device" in r.stderr
+    r = run_cli(*base, "--pool", "median")
+    assert r.exit_code == 1 and "unknown pooling 'median'" in r.stderr
+    r = run_cli(*base, "--weights", "IMAGENET9K")
+    assert r.exit_code == 1 and "neither a file nor a weights name" in r.stderr
+    r = run_cli("sweep", image_tree, "--train", tmp_path / "f.h5", "--out", tmp_path / "sw")
+    assert r.exit_code == 1 and "either DATA (images) or --train" in r.stderr
+    r = run_cli("fit", tmp_path / "missing.h5", "--memory-budget", "lots", "--out", tmp_path / "m.skops")
+    assert r.exit_code == 1 and "--memory-budget 'lots' is not a size" in r.stderr
+    r = run_cli("predict", tmp_path / "nope.skops", image_tree, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 1 and "does not exist" in r.stderr

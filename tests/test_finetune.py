@@ -119,6 +119,8 @@ def test_clear_errors(image_tree, tmp_path):
         finetune(train, None, tmp_path / "x", cfg(unfreeze="40"))
     with pytest.raises(FeatxError, match="must be 0, a number of blocks, or all"):
         finetune(train, None, tmp_path / "x", cfg(unfreeze="some"))
+    with pytest.raises(FeatxError, match="--augment 'heavy' is not one of"):
+        finetune(train, None, tmp_path / "x", cfg(augment="heavy"))
     with pytest.raises(FeatxError, match="out of range"):
         finetune(train, None, tmp_path / "x", cfg(backbone_lr_mult=2.0))
     with pytest.raises(FeatxError, match="single class"):
