@@ -55,7 +55,7 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
                    workers: int | None = None, device: str = "auto", allow_pickle: bool = False) -> PredictResult:
     """Extract features of ``inputs`` as the bundle says and classify them."""
     from featx import bundle as bundle_mod
-    from featx.extract import ExtractConfig, FeatureExtractor, iterate
+    from featx.extract import ExtractConfig, FeatureExtractor
 
     if str(model).endswith((".pt", ".pth")):
         return predict_with_network(model, inputs, batch_size, workers, device)
@@ -70,28 +70,41 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
                          f"the model was trained with (sha256 {m['weights_sha256'][:12]}).")
     source = _open_inputs(inputs)
     tap = next(iter(extractor.taps))
-    result = PredictResult(b.classes, source=source, preprocessing=extractor.pre)
+
+    def classify(X):
+        if X.shape[1] != m["dim"]:
+            raise FeatxError(f"features have dimension {X.shape[1]} but the model expects {m['dim']}.")
+        if hasattr(b.pipeline, "predict_proba"):
+            proba = b.pipeline.predict_proba(X)
+            return [b.classes[int(c)] for c in b.pipeline.classes_], proba
+        return None, [b.classes[int(c)] for c in b.pipeline.predict(X)]
+
+    return _classify_all(source, extractor, tap, b.classes, classify)
+
+
+def _classify_all(source, extractor, tap: str, classes: list[str], classify) -> PredictResult:
+    """Extract ``tap`` batch by batch and turn ``classify(X)`` into rows in source order.
+
+    ``classify`` returns (column class names, probabilities) or (None, predicted names).
+    """
+    from featx.extract import iterate
+
+    res = PredictResult(classes, source=source, preprocessing=extractor.pre)
     order: dict[int, dict] = {}
     for _, good, feats, bad in iterate(source, extractor, range(len(source))):
         if good:
-            X = feats[tap]
-            if X.shape[1] != m["dim"]:
-                raise FeatxError(f"features have dimension {X.shape[1]} but the model expects {m['dim']}.")
-            if hasattr(b.pipeline, "predict_proba"):
-                proba = b.pipeline.predict_proba(X)
-                pred = b.pipeline.classes_[proba.argmax(1)]
-            else:
-                pred, proba = b.pipeline.predict(X), None
+            names, out = classify(feats[tap])
             for k, i in enumerate(good):
-                probs = None
-                if proba is not None:
-                    probs = {b.classes[int(c)]: float(proba[k, j]) for j, c in enumerate(b.pipeline.classes_)}
-                order[i] = {"id": source.ids[i], "index": i, "predicted": b.classes[int(pred[k])],
-                            "probabilities": probs, "error": None}
+                if names is None:
+                    pred, probs = out[k], None
+                else:
+                    probs = dict(zip(names, map(float, out[k])))
+                    pred = names[int(np.argmax(out[k]))]
+                order[i] = {"id": source.ids[i], "index": i, "predicted": pred, "probabilities": probs, "error": None}
         for i, err in bad:
             order[i] = {"id": source.ids[i], "index": i, "predicted": None, "probabilities": None, "error": err}
-    result.rows = [order[i] for i in sorted(order)]
-    return result
+    res.rows = [order[i] for i in sorted(order)]
+    return res
 
 
 def predict_with_network(weights_file: str, inputs, batch_size=None, workers=None,
@@ -100,7 +113,7 @@ def predict_with_network(weights_file: str, inputs, batch_size=None, workers=Non
 
     ``inputs`` is a list of paths (as for the CLI) or a source.
     """
-    from featx.extract import ExtractConfig, FeatureExtractor, iterate
+    from featx.extract import ExtractConfig, FeatureExtractor
 
     if not Path(weights_file).is_file():
         raise FeatxError(f"weights file {weights_file} does not exist.")
@@ -115,21 +128,12 @@ def predict_with_network(weights_file: str, inputs, batch_size=None, workers=Non
                            batch_size=batch_size, workers=workers, device=device)
     extractor = FeatureExtractor(config)
     source = _open_inputs(inputs) if isinstance(inputs, (list, tuple)) else inputs
-    classes = meta["classes"]
-    res = PredictResult(classes, source=source, preprocessing=extractor.pre)
-    order: dict[int, dict] = {}
-    for _, good, feats, bad in iterate(source, extractor, range(len(source))):
-        if good:
-            logits = feats[head]
-            p = np.exp(logits - logits.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
-            for k, i in enumerate(good):
-                order[i] = {"id": source.ids[i], "index": i, "predicted": classes[int(p[k].argmax())],
-                            "probabilities": dict(zip(classes, map(float, p[k]))), "error": None}
-        for i, err in bad:
-            order[i] = {"id": source.ids[i], "index": i, "predicted": None, "probabilities": None, "error": err}
-    res.rows = [order[i] for i in sorted(order)]
-    return res
+
+    def classify(logits):
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return meta["classes"], p / p.sum(1, keepdims=True)
+
+    return _classify_all(source, extractor, head, meta["classes"], classify)
 
 
 def write_predictions(path: str | os.PathLike, res: PredictResult) -> None:
