@@ -201,6 +201,26 @@ def features_provenance(store, tap: str) -> dict:
             "preprocessing": a.get("preprocessing"), "dim": store.dim(tap)}
 
 
+def _open_val(path: str, tap: str, prov: dict, classes: list[str]):
+    """Open a --val feature file, refusing one made differently from the training features."""
+    from featx.bundle import check_features
+    from featx.store import FeatureStore
+
+    val = FeatureStore(path)
+    try:
+        if tap not in val.taps:
+            raise FeatxError(f"--val {path} has no tap {tap!r}; it has: {', '.join(val.taps)}.")
+        check_features(prov, features_provenance(val, tap), f"--val {path}")
+        if val.classes and classes and list(val.classes) != list(classes):
+            raise FeatxError(f"--val {path} has classes {val.classes[:5]}... but the training features have "
+                             f"{classes[:5]}..., so their label numbers mean different classes (give every split the same "
+                           "class folders).")
+    except BaseException:
+        val.close()
+        raise
+    return val
+
+
 @main.command()
 @click.argument("features", type=click.Path())
 @click.option("--clf", type=click.Choice(["logreg", "svm", "mlp"]), default="logreg", show_default=True)
@@ -233,15 +253,8 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
         tap = tap or store.default_tap
         prov = features_provenance(store, tap)
         classes = store.classes
-        val_store = FeatureStore(val_path) if val_path else None
+        val_store = _open_val(val_path, tap, prov, classes) if val_path else None
         try:
-            if val_store is not None:
-                from featx.bundle import check_features
-
-                check_features(prov, features_provenance(val_store, tap) if tap in val_store.taps else
-                               {"tap": None}, f"--val {val_path}")
-                if tap not in val_store.taps:
-                    raise FeatxError(f"--val {val_path} has no tap {tap!r}.")
             if store.nbytes(tap) > budget:
                 click.echo(f"{store.nbytes(tap) >> 20} MB of features exceed the memory budget of {budget >> 20} MB: "
                            "fitting out of core (SGD over row chunks).")

@@ -142,8 +142,10 @@ class StoreWriter:
             with np.load(s.path) as z:
                 n_rows += len(z["ids"])
                 n_failed += len(z["failed_ids"])
-                for k in tap_info:
-                    dims[k] = z[f"tap:{k}"].shape[1] if z[f"tap:{k}"].ndim == 2 and len(z["ids"]) else dims.get(k)
+                if len(z["ids"]):  # an all-failed shard stores no usable width
+                    for k in tap_info:
+                        if k not in dims:
+                            dims[k] = z[f"tap:{k}"].shape[1]
         tmp = self.out.with_name(self.out.name + ".tmp")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(tmp, "w") as f:
@@ -160,7 +162,7 @@ class StoreWriter:
             f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR)
             grp = f.create_group("taps", track_order=True)  # taps listed in extraction order
             for name, info in tap_info.items():
-                d = dims[name] or 0
+                d = dims.get(name, 0)
                 chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(4 * d, 1)))
                 ds = grp.create_dataset(name, shape=(n_rows, d), dtype=dtype,
                                         chunks=(chunk_rows, max(d, 1)) if n_rows and d else None)

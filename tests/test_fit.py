@@ -197,6 +197,22 @@ def test_cli_evaluate_refuses_mismatched_features(tmp_path, run_cli):
     assert r.exit_code == 1 and "dim is 5 there" in r.stderr
 
 
+def test_cli_fit_with_a_val_file_checks_it_first(tmp_path, run_cli):
+    X, y = blobs(n=600, k=3)
+    tr = write_store(tmp_path / "train.h5", X[:400], y[:400], ["a", "b", "c"])
+    ok = write_store(tmp_path / "val.h5", X[400:], y[400:], ["a", "b", "c"])
+    r = run_cli("fit", tr, "--val", ok, "--out", tmp_path / "m.skops")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "m-report" / "metrics.json").read_text())["metrics"]["n"] == 200
+    renamed = write_store(tmp_path / "renamed.h5", X[400:], y[400:], ["a", "c", "b"])
+    r = run_cli("fit", tr, "--val", renamed, "--out", tmp_path / "m2.skops")
+    assert r.exit_code == 1 and "label numbers mean different classes" in r.stderr
+    other_tap = write_store(tmp_path / "tap.h5", X[400:], y[400:], ["a", "b", "c"], tap="features.3")
+    r = run_cli("fit", tr, "--val", other_tap, "--out", tmp_path / "m3.skops")
+    assert r.exit_code == 1 and "has no tap 'features'; it has: features.3." in r.stderr
+    assert not (tmp_path / "m2.skops").exists() and not (tmp_path / "m3.skops").exists()
+
+
 def test_cli_out_of_core_with_tiny_budget(tmp_path, run_cli):
     X, y = blobs(n=2000, d=16, k=3)
     tr = write_store(tmp_path / "train.h5", X, y, ["a", "b", "c"])
