@@ -102,3 +102,7 @@ def check_features(meta: dict, features: dict, what: str) -> None:
         if a is not None and b is not None and str(a) != str(b):
             raise FeatxError(f"{what} does not match the model: {key} is {b!r} there but the model was "
                              f"trained on {key} {a!r}.")
+    a, b = meta.get("classes"), features.get("classes")
+    if a and b and list(a) != list(b):
+        raise FeatxError(f"{what} has classes {list(b)[:5]}... but the model knows {list(a)[:5]}..., so their label "
+                         "numbers mean different classes (give every split the same class folders).")

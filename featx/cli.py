@@ -169,9 +169,6 @@ def weights_import(path):
     click.echo(f"imported {path} -> {dest}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
 
 # -- classifiers --------------------------------------------------------------------------
 
@@ -192,16 +189,7 @@ def _default_budget() -> str:
         return "4GB"
 
 
-def features_provenance(store, tap: str) -> dict:
-    """What a model trained on this tap must be given again at prediction time."""
-    a = store.attrs
-    ti = store.tap_info(tap)
-    return {"backbone": a.get("backbone"), "weights": a.get("weights"), "weights_sha256": a.get("weights_sha256"),
-            "weights_path": a.get("weights_path", ""), "tap": tap, "layer": ti.get("layer"), "pool": ti.get("pool"),
-            "preprocessing": a.get("preprocessing"), "dim": store.dim(tap)}
-
-
-def _open_val(path: str, tap: str, prov: dict, classes: list[str]):
+def _open_val(path: str, tap: str, prov: dict):
     """Open a --val feature file, refusing one made differently from the training features."""
     from featx.bundle import check_features
     from featx.store import FeatureStore
@@ -210,11 +198,7 @@ def _open_val(path: str, tap: str, prov: dict, classes: list[str]):
     try:
         if tap not in val.taps:
             raise FeatxError(f"--val {path} has no tap {tap!r}; it has: {', '.join(val.taps)}.")
-        check_features(prov, features_provenance(val, tap), f"--val {path}")
-        if val.classes and classes and list(val.classes) != list(classes):
-            raise FeatxError(f"--val {path} has classes {val.classes[:5]}... but the training features have "
-                             f"{classes[:5]}..., so their label numbers mean different classes (give every split the same "
-                           "class folders).")
+        check_features(prov, val.provenance(tap), f"--val {path}")
     except BaseException:
         val.close()
         raise
@@ -251,9 +235,8 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
     budget = _parse_size(memory_budget or _default_budget())
     with FeatureStore(features) as store:
         tap = tap or store.default_tap
-        prov = features_provenance(store, tap)
-        classes = store.classes
-        val_store = _open_val(val_path, tap, prov, classes) if val_path else None
+        prov = store.provenance(tap)
+        val_store = _open_val(val_path, tap, prov) if val_path else None
         try:
             if store.nbytes(tap) > budget:
                 click.echo(f"{store.nbytes(tap) >> 20} MB of features exceed the memory budget of {budget >> 20} MB: "
@@ -268,7 +251,7 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
         finally:
             if val_store is not None:
                 val_store.close()
-    meta = {**prov, "classes": classes, "clf": clf, "params": result.params, "fit_seconds": result.fit_seconds,
+    meta = {**prov, "clf": clf, "params": result.params, "fit_seconds": result.fit_seconds,
             "features_file": os.path.abspath(features), "out_of_core": result.out_of_core}
     bundle_mod.save(out, result.pipeline, meta, use_pickle=use_pickle)
     for row in result.search:
@@ -280,7 +263,7 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
     if result.val_metrics:
         click.echo("validation:\n" + fit_mod.format_table(result.val_metrics))
         rd = report_dir or os.path.splitext(out)[0] + "-report"
-        fit_mod.write_report(rd, report, classes)
+        fit_mod.write_report(rd, report, prov["classes"])
         click.echo(f"report: {rd}/metrics.json, {rd}/confusion_matrix.png")
     click.echo(f"saved {out} ({clf} on {tap}, {result.fit_seconds:.1f}s)")
 
@@ -303,9 +286,7 @@ def evaluate(model, features, report_dir, allow_pickle):
         if tap not in store.taps:
             raise FeatxError(f"{features} has no tap {tap!r}, which the model was trained on; it has "
                              f"{', '.join(store.taps)}.")
-        bundle_mod.check_features(b.meta, features_provenance(store, tap), features)
-        if store.classes and list(store.classes) != list(b.classes):
-            raise FeatxError(f"{features} has classes {store.classes[:5]}... but the model knows {b.classes[:5]}...")
+        bundle_mod.check_features(b.meta, store.provenance(tap), features)
         y = store.labels
         if (y < 0).any():
             raise FeatxError(f"{features} has unlabeled rows; evaluate needs labels (use predict instead).")
@@ -466,3 +447,7 @@ def finetune(data, split, val_split, root, backbone, weights, unfreeze, head, ep
                             image_size=image_size, batch_size=batch_size, workers=workers, device=device, seed=seed)
     r = run(train, val, out, config, resume=resume, log=click.echo)
     click.echo(f"weights: {r['weights']} (+ backbone.json); metrics: {out}/metrics.csv, {out}/training_curves.png")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -25,7 +25,7 @@ import featx
 from featx import backbones as bb
 from featx.errors import FeatxError
 from featx.sources import DEFAULT_MAX_PIXELS, Decoded, Source, collate, source_fingerprint
-from featx.store import StoreWriter
+from featx.store import StoreWriter, gaps
 
 POOLS = ("avg", "max", "gem", "grid2", "grid3", "grid4")
 
@@ -158,7 +158,7 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         if device.type != "cuda":
             return None
@@ -200,7 +200,7 @@ class FeatureExtractor:
         self.channels_last = c.channels_last
         if c.batch_size is None:
             c.batch_size = 128 if self.device.type == "cuda" else 32
-        self.amp = _autocast_dtype(c.precision, self.device)
+        self.amp = autocast_dtype(c.precision, self.device)
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -221,14 +221,14 @@ class FeatureExtractor:
                     out = rec.run(x)
             return {k: v.float().cpu().numpy() for k, v in out.items()}
 
-    def header(self) -> dict:
+    def header(self, source: Source) -> dict:
         """Provenance attributes for the store; ``fingerprint`` decides resume compatibility."""
         c = self.config
         pooling = {name: pool_ for name, (_, pool_) in self.taps.items()}
         fingerprint = {
             "backbone": c.backbone, "weights": self.weights.id, "weights_sha256": self.weights.sha256,
             "taps": self.taps, "preprocessing": json.loads(self.pre.to_json()), "dtype": c.dtype,
-            "precision": str(self.amp), "batch_size": c.batch_size,
+            "precision": str(self.amp), "batch_size": c.batch_size, "source": source_fingerprint(source),
         }
         return {
             "backbone": c.backbone,
@@ -244,7 +244,8 @@ class FeatureExtractor:
             "torchvision_version": torchvision.__version__,
             "command": " ".join(sys.argv),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "fingerprint_json": json.dumps(fingerprint, sort_keys=True),
+            "source": json.dumps(source.describe()),
+            "fingerprint": json.dumps(fingerprint, sort_keys=True),
         }
 
     def tap_info(self) -> dict[str, dict]:
@@ -318,12 +319,7 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
     if len(source) == 0:
         raise FeatxError("the source has no images.")
     extractor = FeatureExtractor(config)
-    header = extractor.header()
-    fp = json.loads(header.pop("fingerprint_json"))
-    fp["source"] = source_fingerprint(source)
-    header["fingerprint"] = json.dumps(fp, sort_keys=True)
-    header["source"] = json.dumps(source.describe())
-    writer = StoreWriter(out, header, len(source), overwrite=overwrite)
+    writer = StoreWriter(out, extractor.header(source), len(source), overwrite=overwrite)
     if writer.already_complete:
         n_rows, _ = _summary_of(out)
         return ExtractResult(str(out), len(source), n_rows, [], len(source), 0.0, True)
@@ -332,9 +328,8 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
     shard_items = max(b, (shard_items or max(4096, b)) // b * b)
     done = writer.done_ranges()
     resumed = sum(min(e, items.stop) - max(s, items.start) for s, e in done if e > items.start and s < items.stop)
-    todo = [r for r in _gaps(done, items)]
     failed_all: list[tuple[str, str]] = []
-    for gap in todo:
+    for gap in gaps(done, items):
         # one DataLoader per gap (workers start once); a shard is cut every shard_items
         # items.  Boundaries are multiples of the batch size from the range start, so a
         # resumed run forms exactly the same batches as an uninterrupted one.
@@ -359,19 +354,6 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
     else:
         n_rows, failed = -1, failed_all
     return ExtractResult(str(out), len(source), n_rows, failed, resumed, time.perf_counter() - t0)
-
-
-def _gaps(done: list[tuple[int, int]], items: range) -> list[range]:
-    gaps, pos = [], items.start
-    for s, e in sorted(done):
-        if e <= pos or s >= items.stop:
-            continue
-        if s > pos:
-            gaps.append(range(pos, s))
-        pos = max(pos, e)
-    if pos < items.stop:
-        gaps.append(range(pos, items.stop))
-    return gaps
 
 
 def _summary_of(out) -> tuple[int, list[tuple[str, str]]]:

@@ -196,7 +196,9 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
         raise FeatxError(f"--backbone-lr-mult {c.backbone_lr_mult} is out of range; use a value in (0, 1].")
     if c.epochs < 1:
         raise FeatxError("--epochs must be at least 1.")
-    from featx.extract import resolve_device
+    if c.augment not in ("default", "light", "none"):
+        raise FeatxError(f"--augment {c.augment!r} is not one of default, light, none.")
+    from featx.extract import autocast_dtype, resolve_device
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,8 +211,7 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
     classes = list(train.classes)
     head = replace_head(c.backbone, model, len(classes), c.head, c.hidden, c.dropout)
     prefixes = trainable_prefixes(c.backbone, model, c.unfreeze, head)
-    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else (
-        torch.float16 if device.type == "cuda" else None)
+    amp = autocast_dtype("auto", device)  # bf16 (or fp16) on CUDA, none on CPU
     model = model.to(device, memory_format=torch.channels_last)
 
     head_params = [p for n, p in model.named_parameters() if n == head or n.startswith(head + ".")]
@@ -276,8 +277,6 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
                 n += len(good)
         return loss_sum / max(n, 1), correct / max(n, 1)
 
-    if c.augment not in ("default", "light", "none"):
-        raise FeatxError(f"--augment {c.augment!r} is not one of default, light, none.")
     train_tf = transforms(pre, c.augment)
     for epoch in range(start_epoch, c.epochs):
         t0 = time.perf_counter()

@@ -120,22 +120,17 @@ class StoreWriter:
 
     # -- assembly -------------------------------------------------------------------------
 
-    def missing(self) -> list[tuple[int, int]]:
+    def missing(self) -> list[range]:
         """Item ranges that no shard covers yet."""
-        gaps, pos = [], 0
-        for s in self.shards():
-            if s.first > pos:
-                gaps.append((pos, s.first))
-            pos = max(pos, s.end)
-        if pos < self.n_items:
-            gaps.append((pos, self.n_items))
-        return gaps
+        return gaps(self.done_ranges(), range(self.n_items))
 
     def finalize(self, classes: list[str], default_tap: str, tap_info: dict[str, dict],
                  dtype: str = "float32", extra_attrs: dict | None = None) -> Path:
         """Assemble the shards into the HDF5 file, then remove them."""
-        if self.missing():
-            raise FeatxError(f"cannot assemble {self.out}: items {self.missing()[:3]} are not extracted yet.")
+        missing = self.missing()
+        if missing:
+            raise FeatxError(f"cannot assemble {self.out}: items {', '.join(f'{r.start}-{r.stop - 1}' for r in missing[:3])}"
+                             " are not extracted yet.")
         shards = self.shards()
         n_rows, n_failed, dims = 0, 0, {}
         for s in shards:
@@ -192,6 +187,20 @@ class StoreWriter:
         os.replace(tmp, self.out)
         shutil.rmtree(self.parts)
         return self.out
+
+
+def gaps(done: list[tuple[int, int]], items: range) -> list[range]:
+    """The parts of ``items`` that none of the ``done`` [first, end) ranges covers."""
+    out, pos = [], items.start
+    for s, e in sorted(done):
+        if e <= pos or s >= items.stop:
+            continue
+        if s > pos:
+            out.append(range(pos, s))
+        pos = max(pos, e)
+    if pos < items.stop:
+        out.append(range(pos, items.stop))
+    return out
 
 
 def read_shards(parts: Path) -> list[Shard]:
@@ -273,7 +282,7 @@ class FeatureStore:
         return str(self._f.attrs["default_tap"])
 
     def tap_info(self, tap: str) -> dict:
-        return dict(self._f["taps"][tap].attrs)
+        return dict(self.dataset(tap).attrs)
 
     def __len__(self) -> int:
         return int(self._f["labels"].shape[0])
@@ -323,11 +332,13 @@ class FeatureStore:
         dec = lambda s: s.decode() if isinstance(s, bytes) else s  # noqa: E731
         return [(dec(a), dec(b)) for a, b in zip(ids, reasons)]
 
-    def provenance(self) -> dict:
-        """The attributes that say how the features were made (for model bundles)."""
-        a = self.attrs
-        keys = ("backbone", "weights", "weights_sha256", "preprocessing", "pooling", "image_size")
-        return {k: a.get(k) for k in keys if k in a}
+    def provenance(self, tap: str) -> dict:
+        """How one tap's features were made: what a model trained on them needs again."""
+        a, ti = self.attrs, self.tap_info(tap)
+        return {"backbone": a.get("backbone"), "weights": a.get("weights"), "weights_sha256": a.get("weights_sha256"),
+                "weights_path": a.get("weights_path", ""), "tap": tap, "layer": ti.get("layer"),
+                "pool": ti.get("pool"), "preprocessing": a.get("preprocessing"), "dim": self.dim(tap),
+                "classes": self.classes}
 
 
 def progress_of(parts: Path) -> str:
