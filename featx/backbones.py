@@ -153,7 +153,7 @@ def available_backbones() -> list[str]:
 def check_backbone(name: str) -> None:
     names = available_backbones()
     if name not in names:
-        close = [n for n in names if n.startswith(name[:3])][:6]
+        close = [n for n in names if n.startswith(str(name)[:3])][:6]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise FeatxError(
             f"unknown backbone {name!r}{hint}; `featx backbones` lists the {len(names)} available."
@@ -439,6 +439,17 @@ def _no_init():
     finally:
         for n, f in saved.items():
             setattr(nn.init, n, f)
+
+
+def skeleton(name: str) -> nn.Module:
+    """The architecture of ``name`` without weights: for module names and blocks, at no cost."""
+    check_backbone(name)
+    try:
+        with torch.device("meta"):
+            return _build(name, None)
+    except Exception:  # a few models (RegNet) cannot be built on the meta device
+        with _no_init():
+            return _build(name, None)
 
 
 def describe(name: str) -> dict:

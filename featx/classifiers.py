@@ -86,7 +86,7 @@ def make_online_classifier(name: str, class_weight: str | None = None, seed: int
     loss = "log_loss" if name == "logreg" else "hinge"
     # SGD's alpha multiplies the mean loss's L2 term: alpha = 1 / (C * n) for the same model
     return SGDClassifier(loss=loss, alpha=params.get("alpha", 1e-4), random_state=seed,
-                         class_weight=None if class_weight is None else class_weight,
+                         class_weight=class_weight,
                          learning_rate="optimal", average=True)
 
 

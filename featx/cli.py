@@ -106,8 +106,7 @@ def backbones(name, as_json):
     from featx import backbones as bb
 
     if name:
-        bb.check_backbone(name)
-        model = bb._build(name, None)
+        model = bb.skeleton(name)
         blocks = bb.blocks_of(name, model)
         fam = bb.family_of(name)
         click.echo(f"{name}: default tap {bb.default_tap(name, model)}")
@@ -376,18 +375,7 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
                 rows_idx = sw.per_class_subset(tr.labels, max_per_class, seed) if max_per_class else None
                 wanted = None if list(taps) == ["blocks"] else [t for t in tr.taps if tr.tap_info(t)["layer"] in taps
                                                                or t in taps]
-                rows = sw.probe(tr, val, wanted, rows_idx, val_fraction, seed, progress=show)
-                n_train = len(tr)  # the data set's size decides "small or large", not the probe's subsample
-                a = tr.attrs
-                bk = a.get("backbone")
-                try:
-                    blocks = sw.block_taps(bk)
-                except Exception:
-                    blocks = None
-                advice = sw.recommend(rows, n_train, len(tr.classes), bk, None, blocks)
-                sw.write_outputs(out, rows, advice, {"backbone": bk, "weights": a.get("weights"),
-                                                     "features": {"train": train_path, "val": val_path},
-                                                     "n_train": n_train, "classes": tr.classes})
+                _, advice = sw.sweep_features(tr, val, out, wanted, rows_idx, val_fraction, seed, progress=show)
             finally:
                 if val is not None:
                     val.close()

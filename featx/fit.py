@@ -172,10 +172,7 @@ def fit_out_of_core(store, tap: str | None, clf: str = "logreg", val=None, class
             yc = y[s:s + chunk_rows]
             order = rng.permutation(len(yc))
             sw = None if weights is None else weights[yc[order]]
-            if sw is None:
-                model.partial_fit(Xc[order], yc[order], classes=classes)
-            else:
-                model.partial_fit(Xc[order], yc[order], classes=classes, sample_weight=sw)
+            model.partial_fit(Xc[order], yc[order], classes=classes, sample_weight=sw)
     pipe = Pipeline([("scale", scaler), ("clf", model)])
     val_metrics = None
     if val is not None:

@@ -119,7 +119,7 @@ def predict_with_network(weights_file: str, inputs, batch_size=None, workers=Non
         raise FeatxError(f"weights file {weights_file} does not exist.")
     import torch
 
-    meta = torch.load(weights_file, map_location="cpu", weights_only=True)
+    meta = torch.load(weights_file, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
     meta = meta.get("featx") if isinstance(meta, dict) else None
     if not meta or meta.get("featx") != "finetune":
         raise FeatxError(f"{weights_file} is not a featx fine-tuned network; give a model bundle (.skops) instead.")

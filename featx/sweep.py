@@ -113,7 +113,7 @@ def _in_depth_order(store, taps: list[str]) -> list[str]:
     """Order taps input side first: by the backbone's blocks when they are blocks, else as stored."""
     try:
         blocks = block_taps(store.attrs.get("backbone"))
-    except Exception:
+    except FeatxError:  # not a registry backbone
         return list(taps)
     layer = {t: store.tap_info(t)["layer"] for t in taps}
     if not all(layer[t] in blocks for t in taps):
@@ -189,10 +189,33 @@ def write_outputs(out: str | os.PathLike, rows: list[ProbeRow], advice: list[str
     return d
 
 
+def sweep_features(train, val, out: str | os.PathLike, taps: list[str] | None = None, rows: np.ndarray | None = None,
+                   val_fraction: float = 0.2, seed: int = 0, progress=None, n_train: int | None = None,
+                   data: str | None = None) -> tuple[list[ProbeRow], list[str]]:
+    """Probe the taps of open feature stores, write the outputs to ``out``, return rows and advice.
+
+    ``n_train`` is the data set's size when ``train`` holds a subsample of it (it decides
+    "small or large" in the advice); ``data`` names the images in the suggested commands.
+    """
+    a = train.attrs
+    backbone = a.get("backbone")
+    try:
+        blocks = block_taps(backbone)
+    except FeatxError:  # not a registry backbone: no block numbering for --unfreeze
+        blocks = None
+    found = probe(train, val, taps, rows, val_fraction, seed, progress)
+    n_train = n_train or len(train)
+    advice = recommend(found, n_train, len(train.classes), backbone, data, blocks)
+    write_outputs(out, found, advice, {"backbone": backbone, "weights": a.get("weights"),
+                                       "features": {"train": str(train.path), "val": str(val.path) if val else None},
+                                       "n_train": n_train, "classes": train.classes})
+    return found, advice
+
+
 def block_taps(backbone: str) -> list[str]:
     from featx import backbones as bb
 
-    return [b.tap for b in bb.blocks_of(backbone, bb._build(backbone, None))]
+    return [b.tap for b in bb.blocks_of(backbone, bb.skeleton(backbone))]
 
 
 def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[str] | None, pools: list[str],
@@ -229,13 +252,7 @@ def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[st
     with FeatureStore(files["train"]) as tr:
         val = FeatureStore(files["val"]) if "val" in files else None
         try:
-            rows = probe(tr, val, seed=seed, progress=progress)
-            n_train, classes = n_full, tr.classes
+            return sweep_features(tr, val, out_dir, seed=seed, progress=progress, n_train=n_full, data=data)
         finally:
             if val is not None:
                 val.close()
-    advice = recommend(rows, n_train, len(classes), backbone, data, blocks)
-    meta = {"backbone": backbone, "weights": weights, "features": {k: str(v) for k, v in files.items()},
-            "n_train": n_train, "classes": classes}
-    write_outputs(out_dir, rows, advice, meta)
-    return rows, advice
