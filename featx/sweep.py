@@ -83,9 +83,12 @@ def probe(train, val, taps: list[str] | None = None, rows: np.ndarray | None = N
     """
     from sklearn.model_selection import train_test_split
 
+    from featx.bundle import check_features
     from featx.fit import fit_arrays
 
     taps = _in_depth_order(train, taps or train.taps)
+    for t in taps if val is not None else ():  # same features and class numbering, before any fit
+        check_features(train.provenance(t), val.provenance(t), f"the validation features {val.path}")
     y = train.labels if rows is None else train.labels[rows]
     if val is None:
         idx = np.arange(len(y))

@@ -43,6 +43,20 @@ def test_best_tap_known_by_construction(tmp_path, run_cli):
     assert (tmp_path / "sw" / "recommendation.txt").read_text().startswith("Best: tap features.2")
 
 
+def test_sweep_refuses_a_val_file_with_other_classes_or_taps(tmp_path, run_cli):
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 90)
+    taps = {"features.2@avg": rng.normal(size=(90, 4)).astype(np.float32)}
+    train = store_with_taps(tmp_path / "train.h5", taps, y, ["a", "b", "c"])
+    reordered = store_with_taps(tmp_path / "val.h5", taps, y, ["b", "a", "c"])
+    r = run_cli("sweep", "--train", train, "--val", reordered, "--out", tmp_path / "sw")
+    assert r.exit_code == 1 and "label numbers mean different classes" in r.stderr and "Traceback" not in r.output
+    other = store_with_taps(tmp_path / "other.h5", {"features.5@avg": taps["features.2@avg"]}, y, ["a", "b", "c"])
+    r = run_cli("sweep", "--train", train, "--val", other, "--out", tmp_path / "sw")
+    assert r.exit_code == 1 and "has no tap 'features.2@avg'" in r.stderr
+    assert not (tmp_path / "sw" / "sweep.csv").exists()
+
+
 def test_last_tap_best_says_features_transfer():
     rows = [sw.ProbeRow("a", "a", 0, "avg", 8, 0.70, 1.0, 0.1), sw.ProbeRow("b", "b", 1, "avg", 8, 0.90, 1.0, 0.1)]
     advice = sw.recommend(rows, 50_000, 10)
