@@ -32,6 +32,8 @@ def test_user_errors_are_one_sentence(tmp_path, run_cli):
     assert r.exit_code == 1 and "unknown backbone 'resnet51'" in r.stderr
     r = run_cli("info", tmp_path / "nothing.h5")
     assert r.exit_code == 1 and "does not exist" in r.stderr
+    r = run_cli("backbones", "resnet51")
+    assert r.exit_code == 1 and "unknown backbone 'resnet51'" in r.stderr and "Traceback" not in r.output
 
 
 def test_backbones_lists_and_describes(run_cli):
