@@ -9,7 +9,8 @@ from featx import bundle
 from featx.classifiers import make_classifier, parse_grid
 from featx.errors import FeatxError
 from featx.fit import evaluate, fit_arrays
-from featx.store import StoreWriter
+
+from conftest import write_store
 
 
 def blobs(n=300, d=20, k=3, seed=0):
@@ -99,74 +100,7 @@ def test_metrics_include_top5_and_per_class():
     assert np.asarray(m["confusion_matrix"]).sum() == len(y)
 
 
-def test_bundle_round_trip(tmp_path):
-    X, y = blobs()
-    pipe = fit_arrays(X, y, "logreg", search="none").pipeline
-    bundle.save(tmp_path / "m.skops", pipe, {"classes": ["a", "b", "c"], "tap": "t"})
-    b = bundle.load(tmp_path / "m.skops")
-    np.testing.assert_array_equal(b.pipeline.predict_proba(X), pipe.predict_proba(X))
-    assert b.meta["classes"] == ["a", "b", "c"] and b.meta["sklearn_version"]
-
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("touch PWNED",))
-
-
-def test_malicious_pickle_bundle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
-    import joblib
-
-    monkeypatch.chdir(tmp_path)
-    joblib.dump({"featx_bundle": 1, "meta": "{}", "pipeline": Evil()}, tmp_path / "evil.skops")
-    with pytest.raises(FeatxError, match="not a skops bundle.*--allow-pickle"):
-        bundle.load(tmp_path / "evil.skops")
-    assert not (tmp_path / "PWNED").exists()
-
-
-class Gadget:
-    """A type outside the allow-list whose construction has a visible side effect."""
-
-    def __setstate__(self, state):
-        open(state["path"], "w").close()
-
-
-def test_malicious_skops_bundle_is_refused_and_runs_nothing(tmp_path):
-    import skops.io as sio
-
-    target = tmp_path / "created_by_payload"
-    g = Gadget.__new__(Gadget)
-    g.path = str(target)
-    sio.dump({"featx_bundle": 1, "meta": "{}", "pipeline": g}, tmp_path / "evil.skops")
-    with pytest.raises(FeatxError, match="outside featx's allow-list.*Gadget"):
-        bundle.load(tmp_path / "evil.skops")
-    assert not target.exists()
-
-
-def test_pickle_bundle_only_on_opt_in(tmp_path):
-    X, y = blobs()
-    pipe = fit_arrays(X, y, "logreg", search="none").pipeline
-    bundle.save(tmp_path / "m.joblib", pipe, {"classes": ["a", "b", "c"]}, use_pickle=True)
-    with pytest.raises(FeatxError, match="--allow-pickle"):
-        bundle.load(tmp_path / "m.joblib")
-    with pytest.warns(UserWarning, match="runs any code"):
-        assert bundle.load(tmp_path / "m.joblib", allow_pickle=True).meta["classes"] == ["a", "b", "c"]
-
-
-def test_check_features_names_both_sides():
-    with pytest.raises(FeatxError, match="backbone is 'resnet50' there but the model was trained on backbone 'vgg16'"):
-        bundle.check_features({"backbone": "vgg16"}, {"backbone": "resnet50"}, "x.h5")
-
-
 # -- CLI ----------------------------------------------------------------------------------
-
-
-def write_store(path, X, y, classes, tap="features", backbone="mobilenet_v2", sha="abc"):
-    header = {"backbone": backbone, "weights": "w", "weights_sha256": sha, "weights_path": "",
-              "preprocessing": "{}", "pooling": "{}", "taps": "{}", "fingerprint": str(path), "source": "{}"}
-    w = StoreWriter(path, header, len(X), overwrite=True)
-    w.write_shard(0, len(X), {tap: X}, y, [f"i{k}" for k in range(len(X))], [], [])
-    w.finalize(classes, tap, {tap: {"layer": tap, "pool": "avg"}})
-    return path
 
 
 def test_cli_fit_evaluate_and_reports(tmp_path, run_cli):
