@@ -7,6 +7,7 @@ when a test needs the same weights twice), images are generated in tmp_path.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,8 @@ def image_tree(tmp_path) -> Path:
     for split, n in (("train", 6), ("val", 3)):
         for c, rgb in colors.items():
             for i in range(n):
-                make_image(root / split / c / f"{i}.jpg", rgb, seed=hash((split, c, i)) % 1000)
+                # a fixed seed per image (hash() of a str changes between processes)
+                make_image(root / split / c / f"{i}.jpg", rgb, seed=zlib.crc32(f"{split}/{c}/{i}".encode()))
     return root
 
 
@@ -60,6 +62,18 @@ def small_config(weights="none", **kw):
     kw.setdefault("workers", 0)
     kw.setdefault("backbone", BACKBONE)
     return ExtractConfig(weights=str(weights), **kw)
+
+
+def write_store(path, X, y, classes, tap="features", backbone="mobilenet_v2", sha="abc"):
+    """A complete feature file of the given rows, as `featx extract` would write it."""
+    from featx.store import StoreWriter
+
+    header = {"backbone": backbone, "weights": "w", "weights_sha256": sha, "weights_path": "",
+              "preprocessing": "{}", "pooling": "{}", "taps": "{}", "fingerprint": str(path), "source": "{}"}
+    w = StoreWriter(path, header, len(X), overwrite=True)
+    w.write_shard(0, len(X), {tap: X}, y, [f"i{k}" for k in range(len(X))], [], [])
+    w.finalize(classes, tap, {tap: {"layer": tap, "pool": "avg"}})
+    return path
 
 
 @pytest.fixture

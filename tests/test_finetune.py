@@ -54,11 +54,16 @@ def test_frozen_batchnorm_keeps_its_statistics():
     assert not torch.equal(live_bn.running_mean, l0)
 
 
-def test_a_few_cpu_steps_lower_the_training_loss(image_tree, tmp_path):
+def test_a_few_cpu_steps_overfit_a_few_images(image_tree, tmp_path):
+    """A learnable toy task: 12 images, one full batch per step, so BatchNorm sees stable
+    statistics and the loss falls steadily.  Seeded; over seeds 0-3 the last epoch's loss was
+    0.02-0.08 of the first's, so the 0.25 bound leaves a wide margin."""
     src = folder_source(image_tree, "train")
-    r = finetune(src, None, tmp_path / "run", cfg(epochs=4, unfreeze="all", augment="none", lr=3e-3))
+    r = finetune(src, None, tmp_path / "run", cfg(epochs=8, unfreeze="all", augment="none", lr=3e-3,
+                                                   batch_size=12, seed=0))
     losses = [row["train_loss"] for row in r["history"]]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < 0.25 * losses[0], losses
+    assert r["history"][-1]["train_acc"] == 1.0
 
 
 def test_resume_continues_the_schedule(image_tree, tmp_path):
