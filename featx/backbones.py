@@ -220,10 +220,11 @@ class Weights:
     """Which weights a backbone carries, and where they came from."""
 
     id: str  # "MobileNet_V2_Weights.IMAGENET1K_V1", "none", or "file:<name>"
-    sha256: str  # of the file the weights were read from; "" for random weights
+    sha256: str  # of the file the weights were read from; random weights: of the parameters made
     enum: object | None  # the torchvision weights entry, when one applies
     path: str | None = None  # the file, when one was given
     meta: dict | None = None  # featx fine-tuning metadata embedded in the file
+    seed: int | None = None  # random weights: the seed of their initialisation
 
 
 def _weights_enum(name: str):
@@ -271,12 +272,28 @@ def check_file_hash(path: str | os.PathLike) -> str:
     return digest
 
 
-def resolve_weights(name: str, spec: str | None) -> Weights:
-    """Interpret ``--weights``: DEFAULT, an enum member name, ``none``, or a file path."""
+def read_tensors(path: str | os.PathLike):
+    """``torch.load(weights_only=True)``: tensors and plain containers, never code from the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # torch's own message advises weights_only=False, i.e. running the file's code:
+        # featx never does that, so it says what is wrong in its own words
+        why = ("it holds Python objects besides tensors, and featx never unpickles those"
+               if "GLOBAL" in str(e) else "it is not a PyTorch weights file (a state dict saved with torch.save)")
+        raise FeatxError(f"cannot read weights file {path}: {why}.") from None
+
+
+def resolve_weights(name: str, spec: str | None, seed: int = 0) -> Weights:
+    """Interpret ``--weights``: DEFAULT, an enum member name, ``none``, or a file path.
+
+    ``seed`` seeds the initialisation of random weights (``none``), so that the same
+    command makes the same network every time.
+    """
     enum = _weights_enum(name)
     spec = spec or "DEFAULT"
     if spec.lower() == "none":
-        return Weights("none", "", None)
+        return Weights("none", "", None, seed=int(seed))
     if os.path.exists(spec):
         return Weights(f"file:{os.path.basename(spec)}", "", None, path=spec)
     member = spec.split(".")[-1]
@@ -345,10 +362,7 @@ def load_backbone(name: str, weights: Weights) -> nn.Module:
         model = _build(name, len(entry.meta["categories"]), state, entry)
     elif weights.path is not None:
         weights.sha256 = check_file_hash(weights.path)
-        try:
-            obj = torch.load(weights.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise FeatxError(f"cannot read weights file {weights.path}: {str(e).splitlines()[0]}") from None
+        obj = read_tensors(weights.path)
         if isinstance(obj, dict) and "featx" in obj and "state_dict" in obj:
             weights.meta = obj["featx"]
             obj = obj["state_dict"]
@@ -375,8 +389,23 @@ def load_backbone(name: str, weights: Weights) -> nn.Module:
         else:
             model = _build(name, num_classes, obj, weights.enum)
     else:
-        model = _build(name, None)
+        # seeded, so that a rerun (or a resumed run) makes the same network; the
+        # digest of the parameters lets a later run check that it made it again
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(weights.seed or 0)
+            model = _build(name, None)
+        weights.sha256 = state_digest(model.state_dict())
     return model.eval()
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors, in order."""
+    h = hashlib.sha256()
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def preprocess_for(name: str, weights: Weights, image_size: int | None = None, grayscale: bool = False) -> Preprocess:
@@ -415,10 +444,7 @@ def import_weights(path: str | os.PathLike) -> Path:
             "mobilenet_v2-b0353104.pth); use it directly with --weights PATH instead."
         )
     check_file_hash(path)
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FeatxError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+    read_tensors(path)
     dest = hub_checkpoint_dir() / path.name
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".partial")

@@ -144,6 +144,7 @@ class ExtractConfig:
     progress: bool | None = None  # None: a bar on a terminal only
     jpeg_draft: bool = True
     preprocessing: str | None = None  # a Preprocess as JSON: replaces the weights' own (predict)
+    seed: int = 0  # initialisation of random weights (weights="none")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -182,7 +183,7 @@ class FeatureExtractor:
         for p in c.pools:
             check_pool(p)
         self.device = resolve_device(c.device)
-        self.weights = bb.resolve_weights(c.backbone, c.weights)
+        self.weights = bb.resolve_weights(c.backbone, c.weights, c.seed)
         model = bb.load_backbone(c.backbone, self.weights)
         if c.preprocessing:
             self.pre = bb.Preprocess.from_json(c.preprocessing)
@@ -227,7 +228,7 @@ class FeatureExtractor:
         pooling = {name: pool_ for name, (_, pool_) in self.taps.items()}
         fingerprint = {
             "backbone": c.backbone, "weights": self.weights.id, "weights_sha256": self.weights.sha256,
-            "taps": self.taps, "preprocessing": json.loads(self.pre.to_json()), "dtype": c.dtype,
+            "weights_seed": self.weights.seed, "taps": self.taps, "preprocessing": json.loads(self.pre.to_json()), "dtype": c.dtype,
             "precision": str(self.amp), "batch_size": c.batch_size, "source": source_fingerprint(source),
         }
         return {
@@ -235,6 +236,7 @@ class FeatureExtractor:
             "weights": self.weights.id,
             "weights_sha256": self.weights.sha256,
             "weights_path": os.path.abspath(self.weights.path) if self.weights.path else "",
+            **({"weights_seed": self.weights.seed} if self.weights.seed is not None else {}),
             "taps": json.dumps(self.taps),
             "pooling": json.dumps(pooling),
             "preprocessing": self.pre.to_json(),

@@ -26,9 +26,13 @@ class PredictResult:
 
 
 def _open_inputs(inputs: list[str]):
-    """One folder or list file, or any number of image files (a missing one is a recorded failure)."""
+    """One folder or list file, or any number of image files; a path that does not exist is an error."""
     from featx.sources import files_source, open_source
 
+    missing = [p for p in inputs if not Path(p).exists()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FeatxError(f"{missing[0]}{more} does not exist; give image files, a folder or a CSV list.")
     if len(inputs) == 1:
         p = Path(inputs[0])
         if p.is_dir() or p.suffix.lower() in (".csv", ".tsv", ".txt", ".tab"):
@@ -41,8 +45,11 @@ def _weights_for(meta: dict, override: str | None) -> str:
         return override
     w = meta.get("weights", "DEFAULT")
     if w == "none":
-        raise FeatxError("this model was trained on features of a randomly initialised backbone, which cannot be "
-                         "made again; extract with real or saved weights (--weights PATH).")
+        if meta.get("weights_seed") is None or not meta.get("weights_sha256"):
+            raise FeatxError("this model was trained on features of an unseeded random backbone, which cannot be "
+                             "made again; extract again with this featx (random weights are now seeded) or with "
+                             "real or saved weights (--weights PATH), and fit again.")
+        return "none"  # made again from the recorded seed; the sha256 check below confirms it
     if w.startswith("file:"):
         path = meta.get("weights_path") or ""
         if not Path(path).is_file():
@@ -63,7 +70,7 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
     m = b.meta
     config = ExtractConfig(backbone=m["backbone"], weights=_weights_for(m, weights), layers=(m["layer"],),
                            pools=(m["pool"],), preprocessing=m.get("preprocessing"), batch_size=batch_size,
-                           workers=workers, device=device)
+                           workers=workers, device=device, seed=m.get("weights_seed") or 0)
     extractor = FeatureExtractor(config)
     if m.get("weights_sha256") and extractor.weights.sha256 != m["weights_sha256"]:
         raise FeatxError(f"weights {extractor.weights.id} (sha256 {extractor.weights.sha256[:12]}) are not the ones "

@@ -336,7 +336,7 @@ class FeatureStore:
         """How one tap's features were made: what a model trained on them needs again."""
         a, ti = self.attrs, self.tap_info(tap)
         return {"backbone": a.get("backbone"), "weights": a.get("weights"), "weights_sha256": a.get("weights_sha256"),
-                "weights_path": a.get("weights_path", ""), "tap": tap, "layer": ti.get("layer"),
+                "weights_path": a.get("weights_path", ""), "weights_seed": a.get("weights_seed"), "tap": tap, "layer": ti.get("layer"),
                 "pool": ti.get("pool"), "preprocessing": a.get("preprocessing"), "dim": self.dim(tap),
                 "classes": self.classes}
 
@@ -366,7 +366,7 @@ def info(path: str | os.PathLike) -> dict:
             "classes": fs.classes,
             "taps": {t: fs.dim(t) for t in fs.taps},
             "default_tap": fs.default_tap,
-            **{k: a.get(k) for k in ("backbone", "weights", "weights_sha256", "pooling", "preprocessing",
+            **{k: a.get(k) for k in ("backbone", "weights", "weights_sha256", "weights_seed", "pooling", "preprocessing",
                                      "source", "featx_version", "torch_version", "torchvision_version",
                                      "command", "completed")},
         }

@@ -205,3 +205,21 @@ def test_provenance_attributes(image_tree, tmp_path, weights_file):
     assert json.loads(a["source"])["split"] == "val"
     for key in ("featx_version", "torch_version", "torchvision_version", "command", "pooling"):
         assert a[key]
+
+
+def test_random_weights_are_seeded_recorded_and_part_of_the_fingerprint(image_tree, tmp_path):
+    """`--weights none` makes the same network every run, so a resumed run never mixes two."""
+    src = folder_source(image_tree, "val")
+    cfg = dict(backbone="resnet18", weights="none")
+    a = extract(src, tmp_path / "a.h5", small_config(**cfg))
+    b = extract(src, tmp_path / "b.h5", small_config(**cfg))
+    c = extract(src, tmp_path / "c.h5", small_config(**cfg, seed=1))
+    with FeatureStore(a.out) as fa, FeatureStore(b.out) as fb, FeatureStore(c.out) as fc:
+        np.testing.assert_array_equal(fa.features(), fb.features())
+        assert np.abs(fa.features() - fc.features()).max() > 1e-3  # another seed, another network
+        assert fa.attrs["weights_seed"] == 0 and fc.attrs["weights_seed"] == 1
+        assert len(fa.attrs["weights_sha256"]) == 64 and fa.attrs["weights_sha256"] != fc.attrs["weights_sha256"]
+    # an unfinished run with seed 0 is not continued by a run with seed 1
+    extract(src, tmp_path / "d.h5", small_config(**cfg), items=range(0, 4), finalize=False)
+    with pytest.raises(FeatxError, match="unfinished run with other settings"):
+        extract(src, tmp_path / "d.h5", small_config(**cfg, seed=1))

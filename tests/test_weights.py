@@ -98,3 +98,14 @@ def test_real_imagenet_weights_recognise_a_photograph(tmp_path, monkeypatch, run
     w = bb.resolve_weights("mobilenet_v2", str(src_file))
     bb.load_backbone("mobilenet_v2", w)
     assert w.id == "MobileNet_V2_Weights.IMAGENET1K_V1" and w.sha256 == ex.weights.sha256
+
+
+def test_unreadable_weights_file_never_suggests_unsafe_loading(tmp_path, run_cli, image_tree):
+    (tmp_path / "notweights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    torch.save({"x": Payload()}, tmp_path / "objects.pt")
+    for name, why in (("notweights.h5", "it is not a PyTorch weights file"),
+                      ("objects.pt", "it holds Python objects besides tensors")):
+        r = run_cli("extract", image_tree, "--split", "val", "-b", "mobilenet_v2", "--weights", tmp_path / name,
+                    "--out", tmp_path / "f.h5")
+        assert r.exit_code == 1 and f"cannot read weights file {tmp_path / name}: {why}" in r.stderr
+        assert "weights_only" not in r.output and "Traceback" not in r.output
