@@ -33,7 +33,8 @@ workers_option = click.option("--workers", type=click.IntRange(min=0), default=N
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                                 show_default=True, help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
-seed_option = click.option("--seed", type=int, default=0, show_default=True)
+seed_option = click.option("--seed", type=int, default=0, show_default=True,
+                           help="seed of random choices (and of random weights with --weights none).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,10 +67,11 @@ def main():
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: record undecodable images in the file and go on.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="images larger than this are refused as decompression bombs.")
+@seed_option
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="the .h5 file to write.")
 @click.option("--overwrite", is_flag=True, help="replace an output made with other settings.")
 def extract(data, split, root, backbone, weights, layers, pools, image_size, grayscale, batch_size, workers,
-            device, precision, channels_last, dtype, on_error, max_pixels, out, overwrite):
+            device, precision, channels_last, dtype, on_error, max_pixels, seed, out, overwrite):
     """Extract features of the images in DATA (folder, CSV/TSV list, or torchvision:NAME)."""
     from featx.extract import ExtractConfig
     from featx.extract import extract as run
@@ -82,7 +84,7 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
         backbone=backbone, weights=weights, layers=tuple(layers), pools=tuple(dict.fromkeys(pools)),
         image_size=image_size, grayscale=grayscale, batch_size=batch_size, workers=workers, device=device,
         precision=precision, channels_last=channels_last, dtype=dtype, on_error=on_error,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, seed=seed,
     )
     r = run(source, out, config, overwrite=overwrite)
     if r.already_complete:
@@ -145,7 +147,8 @@ def info(path, as_json):
         sys.exit(2)
     click.echo(f"{path}: complete, {d['format']}")
     click.echo(f"  rows {d['rows']}, failed {d['failed']}, classes {len(d['classes'])}: {', '.join(d['classes'][:10])}")
-    click.echo(f"  backbone {d['backbone']}, weights {d['weights']} (sha256 {str(d['weights_sha256'])[:12]})")
+    seed = f", seed {d['weights_seed']}" if d.get("weights_seed") is not None else ""
+    click.echo(f"  backbone {d['backbone']}, weights {d['weights']} (sha256 {str(d['weights_sha256'])[:12]}{seed})")
     click.echo("  taps: " + ", ".join(f"{t} ({dim})" for t, dim in d["taps"].items()) + f"; default {d['default_tap']}")
     click.echo(f"  preprocessing {d['preprocessing']}")
     click.echo(f"  source {d['source']}")
@@ -337,9 +340,10 @@ def predict(model, inputs, out, sheet, weights, batch_size, workers, device, all
 @click.option("--pool", "pools", multiple=True, default=("avg",), show_default=True, help="repeatable.")
 @click.option("--clf", type=click.Choice(["logreg"]), default="logreg", show_default=True,
               help="the probe: featx fit's logistic regression with its C search.")
-@click.option("--train-split", default="train", show_default=True)
-@click.option("--val-split", default="val", show_default=True, help="if absent, part of train is held out.")
-@click.option("--val-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
+@click.option("--train-split", default=None, help="training split (default: train/ if DATA has one, else all of DATA).")
+@click.option("--val-split", default=None, help="validation split (default: val/ if DATA has one, else a hold-out).")
+@click.option("--val-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True,
+              help="stratified, seeded share of the training images held out when there is no validation split.")
 @click.option("--max-per-class", type=click.IntRange(min=1), default=None, help="subsample for a quick survey.")
 @root_option
 @image_size_option
@@ -367,7 +371,7 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
         _, advice = sw.sweep_images(data, out, backbone, weights, list(taps), list(pools), train_split,
                                     val_split, max_per_class, image_size, root, seed,
                                     {"batch_size": batch_size, "workers": workers, "device": device},
-                                    progress=show)
+                                    progress=show, val_fraction=val_fraction, log=lambda s: click.echo(s, err=True))
     else:
         with FeatureStore(train_path) as tr:
             val = FeatureStore(val_path) if val_path else None
@@ -388,8 +392,11 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
 
 @main.command()
 @click.argument("data")
-@click.option("--split", default="train", show_default=True, help="training split (subfolder or torchvision split).")
-@click.option("--val-split", default="val", show_default=True, help="validation split; if absent, none is used.")
+@click.option("--split", default=None, help="training split (default: train/ if DATA has one, else all of DATA).")
+@click.option("--val-split", default=None, help="validation split (default: val/ if DATA has one, else a hold-out).")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
+              help="stratified, seeded share of the training images held out for validation when there is no "
+              "validation split (it picks the exported epoch); 0: none, the last epoch is exported.")
 @root_option
 @backbone_option
 @weights_option
@@ -411,22 +418,19 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
 @seed_option
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="run directory.")
-def finetune(data, split, val_split, root, backbone, weights, unfreeze, head, epochs, warmup_epochs, lr,
+def finetune(data, split, val_split, val_fraction, root, backbone, weights, unfreeze, head, epochs, warmup_epochs, lr,
              backbone_lr_mult, optimizer, label_smoothing, augment, image_size, batch_size, workers, device, seed,
              resume, out):
     """Fine-tune BACKBONE on DATA: a new head, plus the last N blocks (or all)."""
     from featx.backbones import check_backbone
     from featx.finetune import FinetuneConfig
     from featx.finetune import finetune as run
-    from featx.sources import open_source
+    from featx.sources import open_splits
 
     check_backbone(backbone)
-    train = open_source(data, split=split, root=root)
-    try:
-        val = open_source(data, split=val_split, root=root) if val_split else None
-    except FeatxError:
-        click.echo(f"no validation split {val_split!r}: training without validation.", err=True)
-        val = None
+    splits = open_splits(data, split, val_split, root, val_fraction, seed)
+    click.echo(splits.note, err=True)
+    train, val = splits.train, splits.val
     if val is not None and list(val.classes) != list(train.classes):
         raise FeatxError(f"validation classes {val.classes} differ from training classes {train.classes}.")
     config = FinetuneConfig(backbone=backbone, weights=weights, unfreeze=unfreeze, head=head, epochs=epochs,

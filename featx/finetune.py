@@ -205,7 +205,7 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
     ckpt_path = out / "checkpoint.pt"
     device = resolve_device(c.device)
     _seed_all(c.seed)
-    weights = bb.resolve_weights(c.backbone, c.weights)
+    weights = bb.resolve_weights(c.backbone, c.weights, c.seed)
     model = bb.load_backbone(c.backbone, weights)
     pre = bb.preprocess_for(c.backbone, weights, c.image_size)
     classes = list(train.classes)

@@ -170,6 +170,82 @@ class TorchvisionSource(Source):
         return {**self._desc, "n_items": len(self)}
 
 
+class Subset(Source):
+    """Some items of a source (a hold-out split, a per-class sample), in the source's order."""
+
+    def __init__(self, source: Source, indices):
+        self._source, self._idx = source, np.asarray(indices, dtype=np.int64)
+        self.ids = [source.ids[i] for i in self._idx]
+        self.labels = source.labels[self._idx]
+        self.classes = source.classes
+
+    def open(self, i: int) -> Image.Image:
+        return self._source.open(int(self._idx[i]))
+
+    def describe(self) -> dict:
+        return {**self._source.describe(), "subset": len(self._idx), "n_items": len(self._idx)}
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split item indices into (train, held out): ``fraction`` of every class, seeded, sorted.
+
+    Every class with at least two items keeps one in each part, so a tiny data set still
+    gets a validation item per class; a class of one item stays in training.
+    """
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = 0 if len(idx) < 2 else min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
+        held.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+@dataclass
+class Splits:
+    """Training and validation sources, and how the validation split came about."""
+
+    train: Source
+    val: Source | None
+    note: str  # one sentence for the user: where validation comes from
+
+
+def open_splits(data: str, split: str | None = None, val_split: str | None = None, root: str | None = None,
+                val_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """Training and validation images for ``sweep`` and ``finetune``.
+
+    Args:
+        data: a folder (with ``train/``, ``val/``... split folders, or just class folders),
+            a list file, or ``torchvision:NAME``.
+        split: the training split; None: ``train`` when DATA has one, else all of DATA.
+        val_split: the validation split; None: ``val`` when DATA has one, else a stratified,
+            seeded hold-out of ``val_fraction`` of the training images (none if 0).
+        val_fraction: the held-out share when there is no validation split.
+        seed: seed of the hold-out.
+    """
+    is_tv = data.startswith("torchvision:")
+    is_folder = not is_tv and Path(data).is_dir()
+    if split is None:
+        split = "train" if is_tv or (is_folder and (Path(data) / "train").is_dir()) else None
+    train = open_source(data, split=split, root=root)
+    where = f"{data}/{split}" if is_folder and split else data
+    if val_split is not None:
+        return Splits(train, open_source(data, split=val_split, root=root), f"validation: split {val_split!r}.")
+    if is_folder and split and (Path(data) / "val").is_dir():
+        return Splits(train, open_source(data, split="val", root=root), "validation: split 'val'.")
+    if not val_fraction:
+        return Splits(train, None, f"no validation split in {data} and --val-fraction 0: no validation.")
+    if (train.labels < 0).all():
+        return Splits(train, None, f"{where} has no labels, so no validation split can be held out.")
+    keep, held = stratified_holdout(train.labels, val_fraction, seed)
+    if len(held) == 0:
+        return Splits(train, None, f"{where} has too few images per class to hold any out: no validation.")
+    note = (f"no validation split in {data}: holding out {len(held)} of the {len(train)} training images "
+            f"({val_fraction:.0%} of each class, seed {seed}) for validation.")
+    return Splits(Subset(train, keep), Subset(train, held), note)
+
+
 def open_source(data: str, split: str | None = None, root: str | None = None) -> Source:
     """Pick the source type from the DATA argument: ``torchvision:NAME``, a list file or a folder."""
     if data.startswith("torchvision:"):

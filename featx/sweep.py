@@ -40,25 +40,6 @@ class ProbeRow:
     fit_seconds: float
 
 
-class SubsetSource:
-    """Some items of a source (for --max-per-class), keeping the source's order."""
-
-    def __init__(self, source, indices):
-        self._s, self._idx = source, np.asarray(indices)
-        self.ids = [source.ids[i] for i in self._idx]
-        self.labels = source.labels[self._idx]
-        self.classes = source.classes
-
-    def __len__(self):
-        return len(self._idx)
-
-    def open(self, i):
-        return self._s.open(int(self._idx[i]))
-
-    def describe(self):
-        return {**self._s.describe(), "subset": len(self._idx), "n_items": len(self._idx)}
-
-
 def per_class_subset(labels: np.ndarray, max_per_class: int | None, seed: int = 0) -> np.ndarray:
     """Indices of at most ``max_per_class`` items of each class, sorted (source order)."""
     if max_per_class is None:
@@ -222,40 +203,41 @@ def block_taps(backbone: str) -> list[str]:
 
 
 def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[str] | None, pools: list[str],
-                 train_split: str = "train", val_split: str | None = "val", max_per_class: int | None = None,
+                 train_split: str | None = None, val_split: str | None = None, max_per_class: int | None = None,
                  image_size: int | None = None, root: str = "data", seed: int = 0, extract_kw: dict | None = None,
-                 progress=None):
-    """Extract all taps in one pass per split, then probe them."""
+                 progress=None, val_fraction: float = 0.2, log=None):
+    """Extract all taps in one pass per split, then probe them.
+
+    Splits as :func:`featx.sources.open_splits` finds them: ``train``/``val`` folders when
+    DATA has them, else all of DATA with a stratified, seeded hold-out for validation.
+    """
     from featx.extract import ExtractConfig, extract
-    from featx.sources import open_source
+    from featx.sources import Subset, open_splits
     from featx.store import FeatureStore
 
     blocks = block_taps(backbone)
     layers = blocks if not taps or taps == ["blocks"] else taps
     cfg = ExtractConfig(backbone=backbone, weights=weights, layers=tuple(layers), pools=tuple(pools),
-                        image_size=image_size, **(extract_kw or {}))
+                        image_size=image_size, seed=seed, **(extract_kw or {}))
+    splits = open_splits(data, train_split, val_split, root, val_fraction, seed)
+    if log:
+        log(splits.note)
     out_dir = Path(out)
     files = {}
-    splits = [("train", train_split)] + ([("val", val_split)] if val_split else [])
-    for name, split in splits:
-        try:
-            src = open_source(data, split=split, root=root)
-        except FeatxError:
-            if name == "val":
-                val_split = None  # no validation split: hold out part of train instead
-                continue
-            raise
+    n_full = len(splits.train)  # the data set's size decides "small or large", not the subsample
+    for name, src in (("train", splits.train), ("val", splits.val)):
+        if src is None:
+            continue
         keep = per_class_subset(src.labels, max_per_class, seed)
-        if name == "train":
-            n_full = len(src)  # the data set's size decides "small or large", not the subsample
         if len(keep) < len(src):
-            src = SubsetSource(src, keep)
+            src = Subset(src, keep)
         files[name] = out_dir / f"features_{name}.h5"
         extract(src, files[name], cfg)
     with FeatureStore(files["train"]) as tr:
         val = FeatureStore(files["val"]) if "val" in files else None
         try:
-            return sweep_features(tr, val, out_dir, seed=seed, progress=progress, n_train=n_full, data=data)
+            return sweep_features(tr, val, out_dir, seed=seed, progress=progress, n_train=n_full, data=data,
+                                  val_fraction=val_fraction)
         finally:
             if val is not None:
                 val.close()

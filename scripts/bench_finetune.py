@@ -54,13 +54,13 @@ def main() -> None:
                     str(ROOT / "data")], check=True)
     from featx.finetune import FinetuneConfig, finetune
     from featx.sources import TorchvisionSource
-    from featx.sweep import SubsetSource
+    from featx.sources import Subset
 
     full = TorchvisionSource("FashionMNIST", str(ROOT / "data"), "train")
     test = TorchvisionSource("FashionMNIST", str(ROOT / "data"), "test")
     rng = np.random.default_rng(0)
     order = rng.permutation(len(full))
-    train, val = SubsetSource(full, np.sort(order[5000:])), SubsetSource(full, np.sort(order[:5000]))
+    train, val = Subset(full, np.sort(order[5000:])), Subset(full, np.sort(order[:5000]))
     cfg = FinetuneConfig(backbone="mobilenet_v2", weights="IMAGENET1K_V1", unfreeze=a.unfreeze, epochs=a.epochs,
                          warmup_epochs=a.warmup_epochs, lr=a.lr, backbone_lr_mult=a.backbone_lr_mult,
                          image_size=a.image_size, batch_size=a.batch_size, label_smoothing=a.label_smoothing,

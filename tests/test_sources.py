@@ -144,3 +144,33 @@ def test_jpeg_draft_decodes_large_photos_at_reduced_scale(tmp_path):
     assert img.size == (200, 150)  # 1/8 scale, still >= the requested size
     t, _, err = Decoded(folder_source(tmp_path), Preprocess(100, 100, (0.5,) * 3, (0.5,) * 3))[0]
     assert err is None and t.shape == (3, 100, 100)
+
+
+# -- training and validation splits (sweep, finetune) -------------------------------------
+
+
+def test_stratified_holdout_is_seeded_and_per_class():
+    from featx.sources import stratified_holdout
+
+    labels = np.array([0] * 10 + [1] * 5 + [2] * 1)
+    tr, va = stratified_holdout(labels, 0.2, seed=3)
+    assert np.bincount(labels[va], minlength=3).tolist() == [2, 1, 0]  # a class of one stays in training
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(16)) and not set(tr) & set(va)
+    assert (np.diff(tr) > 0).all() and (np.diff(va) > 0).all()  # source order
+    again, _ = stratified_holdout(labels, 0.2, seed=3)
+    other, _ = stratified_holdout(labels, 0.2, seed=4)
+    assert again.tolist() == tr.tolist() and other.tolist() != tr.tolist()
+
+
+def test_open_splits_finds_split_folders_or_holds_out(image_tree):
+    from featx.sources import open_splits
+
+    s = open_splits(str(image_tree))  # train/ and val/ folders
+    assert len(s.train) == 12 and len(s.val) == 6 and "split 'val'" in s.note
+    s = open_splits(str(image_tree / "train"))  # plain class folders: hold out 20 % of each class
+    assert len(s.train) == 10 and len(s.val) == 2 and "holding out 2 of the 12" in s.note
+    assert s.val.classes == s.train.classes == ["blue", "red"] and sorted(s.val.labels.tolist()) == [0, 1]
+    assert not set(s.train.ids) & set(s.val.ids)
+    assert open_splits(str(image_tree / "train"), val_fraction=0).val is None
+    with pytest.raises(FeatxError, match="split 'test' not found"):
+        open_splits(str(image_tree), val_split="test")  # a split asked for by name must exist
