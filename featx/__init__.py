@@ -2,10 +2,16 @@
 
 Frozen torchvision backbones write pooled features to a self-describing HDF5 file
 (:mod:`featx.extract`, :mod:`featx.store`); scikit-learn classifiers are fitted on them
-(:mod:`featx.fit`) and saved with their provenance (:mod:`featx.bundle`).
+(:mod:`featx.fit`) and saved with their provenance (:mod:`featx.bundle`).  The layers and
+where each kind of change goes: docs/ARCHITECTURE.md.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("featx")  # the one copy of the version lives in pyproject.toml
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "unknown"
 
 __all__ = ["__version__", "ExtractConfig", "extract", "FeatureStore", "open_source"]
 

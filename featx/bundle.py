@@ -19,8 +19,8 @@ from pathlib import Path
 import sklearn
 from sklearn.pipeline import Pipeline
 
-import featx
 from featx.errors import FeatxError
+from featx.store import featx_version
 
 BUNDLE_VERSION = 1
 # Types beyond skops' own safe defaults (scikit-learn, numpy, builtins) that a featx bundle
@@ -50,7 +50,7 @@ def save(path: str | os.PathLike, pipeline: Pipeline, meta: dict, use_pickle: bo
     """Write a bundle; ``use_pickle`` switches from skops to joblib (unsafe to load)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**meta, "bundle_version": BUNDLE_VERSION, "featx_version": featx.__version__,
+    meta = {**meta, "bundle_version": BUNDLE_VERSION, "featx_version": featx_version(),
             "sklearn_version": sklearn.__version__}
     payload = {"featx_bundle": BUNDLE_VERSION, "meta": json.dumps(meta), "pipeline": pipeline}
     tmp = path.with_name(path.name + ".tmp")
@@ -101,16 +101,3 @@ def load(path: str | os.PathLike, allow_pickle: bool = False) -> Bundle:
     if not isinstance(payload, dict) or payload.get("featx_bundle") is None:
         raise FeatxError(f"{path} is not a featx model bundle.")
     return Bundle(payload["pipeline"], json.loads(payload["meta"]))
-
-
-def check_features(meta: dict, features: dict, what: str) -> None:
-    """Refuse features made differently from the ones the model was trained on."""
-    for key in ("backbone", "weights_sha256", "layer", "pool", "dim"):
-        a, b = meta.get(key), features.get(key)
-        if a is not None and b is not None and str(a) != str(b):
-            raise FeatxError(f"{what} does not match the model: {key} is {b!r} there but the model was "
-                             f"trained on {key} {a!r}.")
-    a, b = meta.get("classes"), features.get("classes")
-    if a and b and list(a) != list(b):
-        raise FeatxError(f"{what} has classes {list(b)[:5]}... but the model knows {list(a)[:5]}..., so their label "
-                         "numbers mean different classes (give every split the same class folders).")

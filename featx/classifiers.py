@@ -47,7 +47,7 @@ def make_classifier(name: str, n_samples: int | None = None, class_weight: str |
         seed: random state for the stochastic parts.
         **params: hyper-parameters of the classifier step (``C``, ``alpha``...).
     """
-    scale = ("scale", StandardScaler())
+    steps = [("scale", StandardScaler())]
     if name == "logreg":
         # scikit-learn's objective and C, solved by L-BFGS over float32 arithmetic (featx.linear)
         clf = FastLogisticRegression(C=params.pop("C", 1.0), max_iter=params.pop("max_iter", 1000),
@@ -55,14 +55,16 @@ def make_classifier(name: str, n_samples: int | None = None, class_weight: str |
     elif name == "svm":
         C = params.pop("C", 1.0)
         if n_samples is not None and n_samples > SVC_MAX_SAMPLES:
-            linear = LinearSVC(C=C, class_weight=class_weight, dual="auto", random_state=seed)
-            clf = CalibratedClassifierCV(linear, cv=3, method="sigmoid")
             k = min(params.pop("n_components", 1024), n_samples)
-            return Pipeline([scale, ("rbf", Nystroem(n_components=k, random_state=seed)), ("clf", clf)])
-        # probabilities by Platt scaling on internal folds (scikit-learn's replacement for
-        # the deprecated SVC(probability=True))
-        clf = CalibratedClassifierCV(SVC(C=C, kernel="rbf", gamma="scale", class_weight=class_weight,
-                                         random_state=seed), ensemble=False, method="sigmoid")
+            steps.append(("rbf", Nystroem(n_components=k, gamma=params.pop("gamma", None), random_state=seed)))
+            clf = CalibratedClassifierCV(LinearSVC(C=C, class_weight=class_weight, dual="auto", random_state=seed),
+                                         cv=3, method="sigmoid")
+        else:
+            # probabilities by Platt scaling on internal folds (scikit-learn's replacement
+            # for the deprecated SVC(probability=True))
+            svc = SVC(C=C, kernel="rbf", gamma=params.pop("gamma", "scale"), class_weight=class_weight,
+                      random_state=seed)
+            clf = CalibratedClassifierCV(svc, ensemble=False, method="sigmoid")
     elif name == "mlp":
         if class_weight is not None:
             raise FeatxError("--class-weight balanced is not supported by the mlp classifier; use logreg or svm.")
@@ -73,21 +75,29 @@ def make_classifier(name: str, n_samples: int | None = None, class_weight: str |
                             max_iter=params.pop("max_iter", 200), random_state=seed)
     else:
         raise FeatxError(f"unknown classifier {name!r}; allowed: {', '.join(CLASSIFIERS)}.")
-    if params:
-        raise FeatxError(f"unknown hyper-parameters for {name}: {', '.join(params)}.")
-    return Pipeline([scale, ("clf", clf)])
+    _check_no_params_left(name, params)
+    return Pipeline(steps + [("clf", clf)])
 
 
 def make_online_classifier(name: str, class_weight: str | None = None, seed: int = 0, **params):
     """The out-of-core counterpart: an estimator with ``partial_fit`` (SGD or MLP)."""
     if name == "mlp":
-        return MLPClassifier(hidden_layer_sizes=(params.get("hidden", 512),), alpha=params.get("alpha", 1e-3),
-                             random_state=seed)
-    loss = "log_loss" if name == "logreg" else "hinge"
-    # SGD's alpha multiplies the mean loss's L2 term: alpha = 1 / (C * n) for the same model
-    return SGDClassifier(loss=loss, alpha=params.get("alpha", 1e-4), random_state=seed,
-                         class_weight=class_weight,
-                         learning_rate="optimal", average=True)
+        clf = MLPClassifier(hidden_layer_sizes=(params.pop("hidden", 512),), alpha=params.pop("alpha", 1e-3),
+                            random_state=seed)
+    elif name in ("logreg", "svm"):
+        loss = "log_loss" if name == "logreg" else "hinge"
+        # SGD's alpha multiplies the mean loss's L2 term: alpha = 1 / (C * n) for the same model
+        clf = SGDClassifier(loss=loss, alpha=params.pop("alpha", 1e-4), random_state=seed, class_weight=class_weight,
+                            learning_rate="optimal", average=True)
+    else:
+        raise FeatxError(f"unknown classifier {name!r}; allowed: {', '.join(CLASSIFIERS)}.")
+    _check_no_params_left(name, params)
+    return clf
+
+
+def _check_no_params_left(name: str, params: dict) -> None:
+    if params:
+        raise FeatxError(f"unknown hyper-parameters for {name}: {', '.join(params)}.")
 
 
 def parse_grid(text: str) -> dict[str, list]:

@@ -1,8 +1,9 @@
 """The ``featx`` command line: a thin click group over the library.
 
-Each command parses its options, builds a config and calls one library function.
-Expected mistakes raise :class:`featx.errors.FeatxError`, printed as one sentence with
-exit status 1.
+Each command parses its options, builds a config and calls one library function.  The
+library raises :class:`featx.errors.FeatxError` for expected mistakes; the group turns it
+into click's error: one sentence on stderr, exit status 1, no traceback.  Library modules
+are imported inside the commands, so ``featx --help`` does not load torch.
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ seed_option = click.option("--seed", type=int, default=0, show_default=True,
                            help="seed of random choices (and of random weights with --weights none).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class FeatxGroup(click.Group):
+    """A click group that reports the library's FeatxError as a click error."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FeatxError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featx")
 def main():
     """featx: transfer learning by feature extraction (torchvision -> HDF5 -> scikit-learn)."""
@@ -73,10 +84,11 @@ def main():
 def extract(data, split, root, backbone, weights, layers, pools, image_size, grayscale, batch_size, workers,
             device, precision, channels_last, dtype, on_error, max_pixels, seed, out, overwrite):
     """Extract features of the images in DATA (folder, CSV/TSV list, or torchvision:NAME)."""
+    from featx.decode import DEFAULT_MAX_PIXELS
     from featx.extract import ExtractConfig
     from featx.extract import extract as run
-    from featx.backbones import check_backbone
-    from featx.sources import DEFAULT_MAX_PIXELS, open_source
+    from featx.registry import check_backbone
+    from featx.sources import open_source
 
     check_backbone(backbone)  # before scanning a possibly large folder
     source = open_source(data, split=split, root=root)
@@ -105,13 +117,15 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output.")
 def backbones(name, as_json):
     """List the backbones (default tap, feature dimension, local weights), or one backbone's layers."""
-    from featx import backbones as bb
+    from featx import registry
+    from featx.taps import describe
+    from featx.weights import local_weights
 
     if name:
-        model = bb.skeleton(name)
-        blocks = bb.blocks_of(name, model)
-        fam = bb.family_of(name)
-        click.echo(f"{name}: default tap {bb.default_tap(name, model)}")
+        model = registry.skeleton(name)
+        blocks = registry.blocks_of(name, model)
+        fam = registry.family_of(name)
+        click.echo(f"{name}: default tap {registry.default_tap(name, model)}")
         click.echo("blocks (input side first; `finetune --unfreeze N` trains the last N):")
         for i, b in enumerate(blocks):
             click.echo(f"  {i:2d} {b.tap}")
@@ -120,7 +134,7 @@ def backbones(name, as_json):
         click.echo("every named module can be tapped with --layer; e.g. " +
                    ", ".join(n for n, _ in list(model.named_modules())[1:6]))
         return
-    rows = [bb.describe(n) for n in bb.available_backbones()]
+    rows = [{**describe(n), "weights_local": local_weights(n)} for n in registry.available_backbones()]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -165,7 +179,7 @@ def weights():
 @click.argument("path", type=click.Path())
 def weights_import(path):
     """Verify a torchvision weights file and copy it to the torch hub cache (for offline use)."""
-    from featx.backbones import import_weights
+    from featx.weights import import_weights
 
     dest = import_weights(path)
     click.echo(f"imported {path} -> {dest}")
@@ -173,38 +187,6 @@ def weights_import(path):
 
 
 # -- classifiers --------------------------------------------------------------------------
-
-
-def _parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().rstrip("b").rstrip("i")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
-    except ValueError:
-        raise FeatxError(f"--memory-budget {text!r} is not a size such as 512MB or 4GB.") from None
-
-
-def _default_budget() -> str:
-    try:
-        return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 4 >> 20}MB"
-    except (ValueError, OSError, AttributeError):
-        return "4GB"
-
-
-def _open_val(path: str, tap: str, prov: dict):
-    """Open a --val feature file, refusing one made differently from the training features."""
-    from featx.bundle import check_features
-    from featx.store import FeatureStore
-
-    val = FeatureStore(path)
-    try:
-        if tap not in val.taps:
-            raise FeatxError(f"--val {path} has no tap {tap!r}; it has: {', '.join(val.taps)}.")
-        check_features(prov, val.provenance(tap), f"--val {path}")
-    except BaseException:
-        val.close()
-        raise
-    return val
 
 
 @main.command()
@@ -229,30 +211,18 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
         report_dir, use_pickle):
     """Train a classifier on FEATURES, select its hyper-parameters, save a model bundle."""
     from featx import bundle as bundle_mod
-    from featx import fit as fit_mod
     from featx.classifiers import parse_grid
+    from featx.fit import fit_store, parse_size
+    from featx.metrics import format_table, write_report
     from featx.store import FeatureStore
 
     cw = None if class_weight == "none" else class_weight
-    budget = _parse_size(memory_budget or _default_budget())
+    budget = parse_size(memory_budget) if memory_budget else None
+    spec = parse_grid(grid) if grid else search
     with FeatureStore(features) as store:
         tap = tap or store.default_tap
         prov = store.provenance(tap)
-        val_store = _open_val(val_path, tap, prov) if val_path else None
-        try:
-            if store.nbytes(tap) > budget:
-                click.echo(f"{store.nbytes(tap) >> 20} MB of features exceed the memory budget of {budget >> 20} MB: "
-                           "fitting out of core (SGD over row chunks).")
-                result = fit_mod.fit_out_of_core(store, tap, clf, val=val_store, class_weight=cw, seed=seed)
-            else:
-                X, y = store.features(tap), store.labels
-                Xv = val_store.features(tap) if val_store else None
-                yv = val_store.labels if val_store else None
-                spec = parse_grid(grid) if grid else search
-                result = fit_mod.fit_arrays(X, y, clf, Xv, yv, val_fraction, spec, cw, seed)
-        finally:
-            if val_store is not None:
-                val_store.close()
+        result = fit_store(store, tap, clf, val_path, val_fraction, spec, cw, seed, budget, log=click.echo)
     meta = {**prov, "clf": clf, "params": result.params, "fit_seconds": result.fit_seconds,
             "features_file": os.path.abspath(features), "out_of_core": result.out_of_core}
     bundle_mod.save(out, result.pipeline, meta, use_pickle=use_pickle)
@@ -263,9 +233,9 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
     report = {"clf": clf, "tap": tap, "params": result.params, "search": result.search,
               "fit_seconds": result.fit_seconds, "metrics": result.val_metrics, "split": "validation"}
     if result.val_metrics:
-        click.echo("validation:\n" + fit_mod.format_table(result.val_metrics))
+        click.echo("validation:\n" + format_table(result.val_metrics))
         rd = report_dir or os.path.splitext(out)[0] + "-report"
-        fit_mod.write_report(rd, report, prov["classes"])
+        write_report(rd, report, prov["classes"])
         click.echo(f"report: {rd}/metrics.json, {rd}/confusion_matrix.png")
     click.echo(f"saved {out} ({clf} on {tap}, {result.fit_seconds:.1f}s)")
 
@@ -279,8 +249,8 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
 def evaluate(model, features, report_dir, allow_pickle):
     """Score MODEL on a labelled feature file; print and save the metrics."""
     from featx import bundle as bundle_mod
-    from featx import fit as fit_mod
-    from featx.store import FeatureStore
+    from featx.metrics import evaluate as score, format_table, write_report
+    from featx.store import FeatureStore, check_provenance
 
     b = bundle_mod.load(model, allow_pickle=allow_pickle)
     tap = b.meta["tap"]
@@ -288,14 +258,14 @@ def evaluate(model, features, report_dir, allow_pickle):
         if tap not in store.taps:
             raise FeatxError(f"{features} has no tap {tap!r}, which the model was trained on; it has "
                              f"{', '.join(store.taps)}.")
-        bundle_mod.check_features(b.meta, store.provenance(tap), features)
+        check_provenance(b.meta, store.provenance(tap), features)
         y = store.labels
         if (y < 0).any():
             raise FeatxError(f"{features} has unlabeled rows; evaluate needs labels (use predict instead).")
-        m = fit_mod.evaluate(b.pipeline, store.features(tap), y, b.classes)
-    click.echo(f"{model} on {features} ({m['n']} rows):\n" + fit_mod.format_table(m))
+        m = score(b.pipeline, store.features(tap), y, b.classes)
+    click.echo(f"{model} on {features} ({m['n']} rows):\n" + format_table(m))
     if report_dir:
-        fit_mod.write_report(report_dir, {"model": model, "features": features, "metrics": m}, b.classes)
+        write_report(report_dir, {"model": model, "features": features, "metrics": m}, b.classes)
         click.echo(f"report: {report_dir}/metrics.json, {report_dir}/confusion_matrix.png")
 
 
@@ -364,9 +334,9 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
     if (data is None) == (train_path is None):
         raise FeatxError("give either DATA (images) or --train FEATURES.h5, not both or neither.")
     if data is not None:
-        for p in pools:
-            from featx.extract import check_pool
+        from featx.taps import check_pool
 
+        for p in pools:
             check_pool(p)
         _, advice = sw.sweep_images(data, out, backbone, weights, list(taps), list(pools), train_split,
                                     val_split, max_per_class, image_size, root, seed,
@@ -422,9 +392,9 @@ def finetune(data, split, val_split, val_fraction, root, backbone, weights, unfr
              backbone_lr_mult, optimizer, label_smoothing, augment, image_size, batch_size, workers, device, seed,
              resume, out):
     """Fine-tune BACKBONE on DATA: a new head, plus the last N blocks (or all)."""
-    from featx.backbones import check_backbone
     from featx.finetune import FinetuneConfig
     from featx.finetune import finetune as run
+    from featx.registry import check_backbone
     from featx.sources import open_splits
 
     check_backbone(backbone)

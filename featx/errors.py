@@ -1,13 +1,10 @@
 """The one exception type featx raises for expected mistakes.
 
-The CLI prints its message as a single sentence and exits with status 1, without a
-traceback; library users can catch it like any other exception.
+The library raises it with one sentence that names the bad value and what is allowed; the
+CLI (:mod:`featx.cli`) prints that sentence and exits with status 1, without a traceback.
+It is a plain ``Exception``, so the library does not depend on click.
 """
 
-import click
 
-
-class FeatxError(click.ClickException):
+class FeatxError(Exception):
     """A user-facing error: bad input, a mismatch, a missing file."""
-
-    exit_code = 1

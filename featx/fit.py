@@ -1,31 +1,34 @@
-"""Train, select hyper-parameters, evaluate: classifiers on stored features.
+"""Train and select: classifiers on stored features, in memory or out of core.
 
 Selection follows the linear-probe protocol of Kornblith, Shlens & Le (CVPR 2019): fit on
 the training split for each value of the grid, score on a held-out split (``--val`` file
 or a stratified fraction of the training rows), then refit the best setting on
 train + validation.  For logistic regression the grid is walked from strong to weak
-regularisation with warm starts, so each further value costs a few L-BFGS iterations
-instead of a fit from scratch.
+regularisation, each fit starting from the previous solution, so each further value costs
+a few L-BFGS iterations instead of a fit from scratch.
+
+:func:`fit_store` is the policy ``featx fit`` applies to a feature file: in memory when the
+features fit the memory budget, out of core otherwise.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from sklearn import metrics as skm
-from sklearn.base import clone
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from featx.classifiers import DEFAULT_GRIDS, make_classifier, make_online_classifier
 from featx.errors import FeatxError
-
+from featx.linear import FastLogisticRegression
+from featx.metrics import evaluate, evaluate_store
+from featx.store import FeatureStore, check_provenance
 
 SEARCH_TOL = 3e-4  # L-BFGS gradient tolerance while walking the regularisation path
 
@@ -38,6 +41,13 @@ class FitResult:
     val_metrics: dict | None = None  # metrics of the selected model fitted on train only
     fit_seconds: float = 0.0
     out_of_core: bool = False
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """Validation accuracy of the selected setting (None without validation)."""
+        if self.val_metrics is not None:
+            return self.val_metrics["accuracy"]
+        return max((r["val_accuracy"] for r in self.search), default=None)
 
 
 def _grid_points(grid: dict[str, list]) -> list[dict]:
@@ -56,7 +66,7 @@ def _check_labels(y: np.ndarray, what: str) -> None:
 
 def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_val=None,
                val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
-               seed: int = 0, refit: bool = True) -> FitResult:
+               seed: int = 0, refit: bool = True, report: bool = True) -> FitResult:
     """Select hyper-parameters on a held-out split and fit the final pipeline.
 
     Args:
@@ -70,6 +80,8 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
         seed: random state of the split and the classifiers.
         refit: refit the selected setting on train + validation (the protocol); if False
             the model fitted on train alone is returned.
+        report: compute the full validation metrics of the selected model (per class,
+            confusion matrix); without it only the search's accuracies are kept.
     """
     t0 = time.perf_counter()
     X = np.asarray(X, dtype=np.float32)
@@ -86,57 +98,56 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     points = _grid_points(grid) or [{}]
     if clf == "logreg" and set(grid) <= {"C"}:
         rows, best_pipe = _logreg_path(X_tr, y_tr, X_val, y_val, sorted(p.get("C", 1.0) for p in points),
-                                       class_weight, seed)
+                                       class_weight)
     else:
-        rows, best_pipe = [], None
-        for p in points:
-            t = time.perf_counter()
-            pipe = make_classifier(clf, n_samples=len(X_tr), class_weight=class_weight, seed=seed, **p)
-            pipe.fit(X_tr, y_tr)
-            acc = float(skm.accuracy_score(y_val, pipe.predict(X_val)))
-            rows.append({"params": p, "val_accuracy": acc, "seconds": time.perf_counter() - t})
-            if best_pipe is None or acc > max(r["val_accuracy"] for r in rows[:-1]):
-                best_pipe = pipe
-    best = max(rows, key=lambda r: r["val_accuracy"])  # first (strongest regularisation) wins ties
-    val_metrics = evaluate(best_pipe, X_val, y_val)
+        rows, best_pipe = _grid_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed)
+    best = max(rows, key=lambda r: r["val_accuracy"])  # the first of equals: the order of the grid
+    val_metrics = evaluate(best_pipe, X_val, y_val) if report else None
     pipe = best_pipe
     if refit:
         X_all, y_all = np.concatenate([X_tr, X_val]), np.concatenate([y_tr, y_val])
         pipe = make_classifier(clf, n_samples=len(X_all), class_weight=class_weight, seed=seed, **best["params"])
+        fit_params = {}
         if clf == "logreg":  # start from the selected solution: a few iterations suffice
-            _warm_from(pipe, best_pipe)
-        pipe.fit(X_all, y_all)
+            lr = best_pipe.named_steps["clf"]
+            fit_params = {"clf__coef_init": lr.coef_, "clf__intercept_init": lr.intercept_}
+        pipe.fit(X_all, y_all, **fit_params)
     return FitResult(pipe, best["params"], rows, val_metrics, time.perf_counter() - t0)
 
 
-def _warm_from(pipe: Pipeline, fitted: Pipeline) -> None:
-    lr = pipe.named_steps["clf"]
-    old = fitted.named_steps["clf"]
-    lr.set_params(warm_start=True)
-    lr.coef_, lr.intercept_, lr.classes_ = old.coef_.copy(), old.intercept_.copy(), old.classes_
+def _grid_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed):
+    """One fit per grid point, scored on the validation rows; returns the rows and the best pipeline."""
+    rows, best_pipe = [], None
+    for p in points:
+        t = time.perf_counter()
+        pipe = make_classifier(clf, n_samples=len(X_tr), class_weight=class_weight, seed=seed, **p)
+        pipe.fit(X_tr, y_tr)
+        acc = float(skm.accuracy_score(y_val, pipe.predict(X_val)))
+        if not rows or acc > max(r["val_accuracy"] for r in rows):
+            best_pipe = pipe
+        rows.append({"params": p, "val_accuracy": acc, "seconds": time.perf_counter() - t})
+    return rows, best_pipe
 
 
-def _logreg_path(X_tr, y_tr, X_val, y_val, Cs, class_weight, seed):
-    """Fit along increasing C with warm starts; the scaler is fitted once on X_tr."""
+def _logreg_path(X_tr, y_tr, X_val, y_val, Cs, class_weight):
+    """Fit along increasing C, each fit starting from the previous solution; the scaler is
+    fitted once on X_tr.  Returns the search rows and the best pipeline (first of equals)."""
     scaler = StandardScaler().fit(X_tr)
     Xs_tr, Xs_val = scaler.transform(X_tr), scaler.transform(X_val)
-    lr = make_classifier("logreg", class_weight=class_weight, seed=seed).named_steps["clf"]
     # the search only has to rank the values of C: a looser tolerance than the final
     # refit's (1e-4) ranks them the same at a fraction of the iterations
-    lr.set_params(warm_start=True, tol=SEARCH_TOL)
-    rows, best, best_acc = [], None, -1.0
+    lr = FastLogisticRegression(class_weight=class_weight, tol=SEARCH_TOL)
+    rows, best = [], None
     for C in Cs:
         t = time.perf_counter()
-        lr.set_params(C=C)
-        lr.fit(Xs_tr, y_tr)
+        start = {"coef_init": lr.coef_, "intercept_init": lr.intercept_} if rows else {}
+        lr.set_params(C=C).fit(Xs_tr, y_tr, **start)
         acc = float(skm.accuracy_score(y_val, lr.predict(Xs_val)))
+        if not rows or acc > max(r["val_accuracy"] for r in rows):
+            best = copy.deepcopy(lr)
         rows.append({"params": {"C": C}, "val_accuracy": acc, "seconds": time.perf_counter() - t,
                      "iterations": int(np.max(lr.n_iter_))})
-        if acc > best_acc:
-            best_acc, best = acc, clone(lr).set_params(warm_start=False, tol=1e-4)
-            best.coef_, best.intercept_, best.classes_ = lr.coef_.copy(), lr.intercept_.copy(), lr.classes_
-            best.n_features_in_, best.n_iter_ = lr.n_features_in_, lr.n_iter_.copy()
-    return rows, Pipeline([("scale", scaler), ("clf", best)])
+    return rows, Pipeline([("scale", scaler), ("clf", best.set_params(tol=1e-4))])
 
 
 # ----------------------------------------------------------------------------- out of core
@@ -174,95 +185,68 @@ def fit_out_of_core(store, tap: str | None, clf: str = "logreg", val=None, class
             sw = None if weights is None else weights[yc[order]]
             model.partial_fit(Xc[order], yc[order], classes=classes, sample_weight=sw)
     pipe = Pipeline([("scale", scaler), ("clf", model)])
-    val_metrics = None
-    if val is not None:
-        val_metrics = evaluate_store(pipe, val, tap)
+    val_metrics = evaluate_store(pipe, val, tap) if val is not None else None
     return FitResult(pipe, {"epochs": epochs, "chunk_rows": chunk_rows, **params}, [], val_metrics,
                      time.perf_counter() - t0, out_of_core=True)
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- the policy
 
 
-def predict_in_chunks(pipe: Pipeline, X: np.ndarray, chunk: int = 8192):
-    """Predicted labels and (when available) class probabilities."""
-    has_proba = hasattr(pipe, "predict_proba")
-    preds, probas = [], []
-    for s in range(0, len(X), chunk):
-        Xc = X[s:s + chunk]
-        if has_proba:
-            p = pipe.predict_proba(Xc)
-            probas.append(p)
-            preds.append(pipe.classes_[p.argmax(1)])
-        else:
-            preds.append(pipe.predict(Xc))
-    return np.concatenate(preds), (np.concatenate(probas) if has_proba else None)
+def parse_size(text: str) -> int:
+    """``"512MB"``, ``"4G"``, ``"1.5GiB"`` or a number of bytes -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
+    except ValueError:
+        raise FeatxError(f"--memory-budget {text!r} is not a size such as 512MB or 4GB.") from None
 
 
-def evaluate(pipe: Pipeline, X: np.ndarray, y: np.ndarray, class_names: list[str] | None = None) -> dict:
-    """Accuracy, balanced accuracy, macro F1, top-5 (with probabilities and > 5 classes),
-    per-class precision/recall/F1, and the confusion matrix."""
-    pred, proba = predict_in_chunks(pipe, np.asarray(X, dtype=np.float32))
-    labels = np.asarray(pipe.classes_)
-    out = {
-        "n": int(len(y)),
-        "accuracy": float(skm.accuracy_score(y, pred)),
-        "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
-        "macro_f1": float(skm.f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
-    }
-    if proba is not None and len(labels) > 5:
-        out["top5_accuracy"] = float(skm.top_k_accuracy_score(y, proba, k=5, labels=labels))
-    p, r, f, s = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    names = class_names or [str(c) for c in labels]
-    out["per_class"] = {
-        (names[int(c)] if int(c) < len(names) else str(c)): {"precision": float(p[i]), "recall": float(r[i]),
-                                                            "f1": float(f[i]), "support": int(s[i])}
-        for i, c in enumerate(labels)
-    }
-    out["confusion_matrix"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
-    return out
+def default_budget() -> int:
+    """A quarter of the physical memory (4 GB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
-def evaluate_store(pipe: Pipeline, store, tap: str | None, chunk_rows: int = 16384) -> dict:
-    """Evaluate on a feature file chunk by chunk (for stores larger than memory)."""
-    y = store.labels
-    preds = []
-    for s in range(0, len(store), chunk_rows):
-        preds.append(pipe.predict(store.features(tap, slice(s, s + chunk_rows))))
-    pred = np.concatenate(preds)
-    return {"n": int(len(y)), "accuracy": float(skm.accuracy_score(y, pred)),
-            "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
-            "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
-            "confusion_matrix": skm.confusion_matrix(y, pred, labels=pipe.classes_).tolist()}
+def open_val(path: str | os.PathLike, tap: str, provenance: dict) -> FeatureStore:
+    """Open a validation feature file, refusing one made differently from the training features."""
+    val = FeatureStore(path)
+    try:
+        if tap not in val.taps:
+            raise FeatxError(f"--val {path} has no tap {tap!r}; it has: {', '.join(val.taps)}.")
+        check_provenance(provenance, val.provenance(tap), f"--val {path}")
+    except BaseException:
+        val.close()
+        raise
+    return val
 
 
-def format_table(m: dict) -> str:
-    keys = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy") if k in m]
-    lines = [f"  {k:18s} {m[k]:.4f}" for k in keys]
-    return "\n".join(lines)
+def fit_store(store: FeatureStore, tap: str | None = None, clf: str = "logreg", val_path=None,
+              val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
+              seed: int = 0, memory_budget: int | None = None, log=None) -> FitResult:
+    """``featx fit`` on an open feature file: in memory when the tap's features fit
+    ``memory_budget`` (default :func:`default_budget`), out of core otherwise.
 
-
-def write_report(directory: str | os.PathLike, report: dict, class_names: list[str]) -> Path:
-    """Write ``metrics.json`` and ``confusion_matrix.png`` into ``directory``."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "metrics.json").write_text(json.dumps(report, indent=1))
-    cm = report.get("metrics", report).get("confusion_matrix")
-    if cm is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from sklearn.metrics import ConfusionMatrixDisplay
-
-        n = len(cm)
-        fig, ax = plt.subplots(figsize=(max(4, 0.6 * n + 2), max(4, 0.6 * n + 2)))
-        labels = class_names if len(class_names) == n else None
-        ConfusionMatrixDisplay(np.asarray(cm), display_labels=labels).plot(ax=ax, xticks_rotation=45,
-                                                                           colorbar=False, values_format="d")
-        acc = report.get("metrics", report).get("accuracy")
-        ax.set_title(f"accuracy {acc:.3f}" if acc is not None else "confusion matrix")
-        fig.tight_layout()
-        fig.savefig(d / "confusion_matrix.png", dpi=100)
-        plt.close(fig)
-    return d
+    Args:
+        store: the training features.
+        tap: the stored tap to fit on (default: the file's default tap).
+        val_path: a validation feature file (checked against the training features).
+        log: called with one sentence when the fit goes out of core.
+    """
+    tap = tap or store.default_tap
+    budget = memory_budget if memory_budget is not None else default_budget()
+    val = open_val(val_path, tap, store.provenance(tap)) if val_path else None
+    try:
+        if store.nbytes(tap) > budget:
+            if log:
+                log(f"{store.nbytes(tap) >> 20} MB of features exceed the memory budget of {budget >> 20} MB: "
+                    "fitting out of core (SGD over row chunks).")
+            return fit_out_of_core(store, tap, clf, val=val, class_weight=class_weight, seed=seed)
+        Xv, yv = (val.features(tap), val.labels) if val is not None else (None, None)
+        return fit_arrays(store.features(tap), store.labels, clf, Xv, yv, val_fraction, search, class_weight, seed)
+    finally:
+        if val is not None:
+            val.close()

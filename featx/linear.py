@@ -46,7 +46,9 @@ class FastLogisticRegression(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight
         self.blas_threads = blas_threads
 
-    def fit(self, X, y):
+    def fit(self, X, y, coef_init=None, intercept_init=None):
+        """Fit on (X, y); ``coef_init``/``intercept_init`` start L-BFGS from a given solution
+        (a regularisation path passes the previous C's), as ``SGDClassifier.fit`` allows."""
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], reset=True)
         check_classification_targets(y)
         classes, yi = np.unique(y, return_inverse=True)
@@ -62,10 +64,15 @@ class FastLogisticRegression(ClassifierMixin, BaseEstimator):
         if self.class_weight is not None:
             sw = compute_sample_weight(self.class_weight, y).astype(np.float32)
         w0 = np.zeros(k * d + k)
-        reused = (self.warm_start and getattr(self, "coef_", None) is not None
-                  and self.coef_.shape == (k, d) and np.array_equal(getattr(self, "classes_", []), classes))
-        if reused:
-            w0 = np.concatenate([self.coef_.ravel(), self.intercept_])
+        if coef_init is None and self.warm_start and getattr(self, "coef_", None) is not None \
+                and np.array_equal(getattr(self, "classes_", []), classes):
+            coef_init, intercept_init = self.coef_, self.intercept_
+        if coef_init is not None:
+            coef_init = np.asarray(coef_init, dtype=np.float64)
+            if coef_init.shape != (k, d):
+                raise ValueError(f"coef_init has shape {coef_init.shape}; this problem needs {(k, d)}")
+            intercept = np.zeros(k) if intercept_init is None else np.asarray(intercept_init, dtype=np.float64)
+            w0 = np.concatenate([coef_init.ravel(), intercept.ravel()])
         penalty = 1.0 / (self.C * n)
         if k == 1:
             target = yi.astype(np.float32)

@@ -1,8 +1,8 @@
-"""Classify new images with a model bundle: extraction in memory, then the fitted pipeline.
+"""Classify new images with a model bundle or a fine-tuned network.
 
-The bundle's own backbone, weights, tap, pooling and preprocessing are used, so the new
+A bundle's own backbone, weights, tap, pooling and preprocessing are used, so the new
 images get exactly the kind of features the classifier was trained on; the weights'
-sha256 is checked against the bundle.
+sha256 is checked against the bundle.  A fine-tuned network classifies with its own head.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from featx import bundle as bundle_io
+from featx import plots
+from featx.decode import open_rgb
 from featx.errors import FeatxError
+from featx.extract import ExtractConfig, FeatureExtractor, iterate
+from featx.sources import files_source, open_source
+from featx.weights import finetuned_meta
 
 
 @dataclass
@@ -27,8 +33,6 @@ class PredictResult:
 
 def _open_inputs(inputs: list[str]):
     """One folder or list file, or any number of image files; a path that does not exist is an error."""
-    from featx.sources import files_source, open_source
-
     missing = [p for p in inputs if not Path(p).exists()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -49,7 +53,7 @@ def _weights_for(meta: dict, override: str | None) -> str:
             raise FeatxError("this model was trained on features of an unseeded random backbone, which cannot be "
                              "made again; extract again with this featx (random weights are now seeded) or with "
                              "real or saved weights (--weights PATH), and fit again.")
-        return "none"  # made again from the recorded seed; the sha256 check below confirms it
+        return "none"  # made again from the recorded seed; the sha256 check confirms it
     if w.startswith("file:"):
         path = meta.get("weights_path") or ""
         if not Path(path).is_file():
@@ -61,21 +65,18 @@ def _weights_for(meta: dict, override: str | None) -> str:
 def predict_images(model: str, inputs: list[str], weights: str | None = None, batch_size: int | None = None,
                    workers: int | None = None, device: str = "auto", allow_pickle: bool = False) -> PredictResult:
     """Extract features of ``inputs`` as the bundle says and classify them."""
-    from featx import bundle as bundle_mod
-    from featx.extract import ExtractConfig, FeatureExtractor
-
     if str(model).endswith((".pt", ".pth")):
         return predict_with_network(model, inputs, batch_size, workers, device)
-    b = bundle_mod.load(model, allow_pickle=allow_pickle)
+    b = bundle_io.load(model, allow_pickle=allow_pickle)
     m = b.meta
     config = ExtractConfig(backbone=m["backbone"], weights=_weights_for(m, weights), layers=(m["layer"],),
                            pools=(m["pool"],), preprocessing=m.get("preprocessing"), batch_size=batch_size,
                            workers=workers, device=device, seed=m.get("weights_seed") or 0)
+    source = _open_inputs(inputs)
     extractor = FeatureExtractor(config)
     if m.get("weights_sha256") and extractor.weights.sha256 != m["weights_sha256"]:
         raise FeatxError(f"weights {extractor.weights.id} (sha256 {extractor.weights.sha256[:12]}) are not the ones "
                          f"the model was trained with (sha256 {m['weights_sha256'][:12]}).")
-    source = _open_inputs(inputs)
     tap = next(iter(extractor.taps))
 
     def classify(X):
@@ -94,8 +95,6 @@ def _classify_all(source, extractor, tap: str, classes: list[str], classify) -> 
 
     ``classify`` returns (column class names, probabilities) or (None, predicted names).
     """
-    from featx.extract import iterate
-
     res = PredictResult(classes, source=source, preprocessing=extractor.pre)
     order: dict[int, dict] = {}
     for _, good, feats, bad in iterate(source, extractor, range(len(source))):
@@ -120,27 +119,18 @@ def predict_with_network(weights_file: str, inputs, batch_size=None, workers=Non
 
     ``inputs`` is a list of paths (as for the CLI) or a source.
     """
-    from featx.extract import ExtractConfig, FeatureExtractor
-
-    if not Path(weights_file).is_file():
-        raise FeatxError(f"weights file {weights_file} does not exist.")
-    import torch
-
-    meta = torch.load(weights_file, map_location="cpu", weights_only=True, mmap=True)  # tensors stay on disk
-    meta = meta.get("featx") if isinstance(meta, dict) else None
-    if not meta or meta.get("featx") != "finetune":
-        raise FeatxError(f"{weights_file} is not a featx fine-tuned network; give a model bundle (.skops) instead.")
-    head = meta["head_module"] + (".3" if meta["head"] == "mlp" else "")
-    config = ExtractConfig(backbone=meta["backbone"], weights=weights_file, layers=(head,), pools=("avg",),
+    meta = finetuned_meta(weights_file)
+    logits = meta["logits_module"]
+    source = _open_inputs(inputs) if isinstance(inputs, (list, tuple)) else inputs
+    config = ExtractConfig(backbone=meta["backbone"], weights=weights_file, layers=(logits,), pools=("avg",),
                            batch_size=batch_size, workers=workers, device=device)
     extractor = FeatureExtractor(config)
-    source = _open_inputs(inputs) if isinstance(inputs, (list, tuple)) else inputs
 
-    def classify(logits):
-        p = np.exp(logits - logits.max(1, keepdims=True))
+    def classify(scores):
+        p = np.exp(scores - scores.max(1, keepdims=True))
         return meta["classes"], p / p.sum(1, keepdims=True)
 
-    return _classify_all(source, extractor, head, meta["classes"], classify)
+    return _classify_all(source, extractor, logits, meta["classes"], classify)
 
 
 def write_predictions(path: str | os.PathLike, res: PredictResult) -> None:
@@ -157,30 +147,10 @@ def write_predictions(path: str | os.PathLike, res: PredictResult) -> None:
 
 def write_sheet(path: str | os.PathLike, res: PredictResult, max_images: int = 48) -> None:
     """A contact sheet: each image titled with its top class and percentage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from featx.sources import to_rgb
-
     rows = [r for r in res.rows if r["error"] is None][:max_images]
     if not rows:
         raise FeatxError("no image could be classified, so there is no contact sheet to draw.")
-    cols = min(6, len(rows))
-    nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.5 * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, rows):
-        img = to_rgb(res.source.open(r["index"]))
-        img.thumbnail((256, 256))
-        ax.imshow(np.asarray(img))
-        title = r["predicted"]
-        if r["probabilities"]:
-            title += f" {100 * r['probabilities'][r['predicted']]:.0f}%"
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    images = [open_rgb(res.source, r["index"], res.preprocessing) for r in rows]
+    titles = [r["predicted"] + (f" {100 * r['probabilities'][r['predicted']]:.0f}%" if r["probabilities"] else "")
+              for r in rows]
+    plots.contact_sheet(path, images, titles)

@@ -1,34 +1,27 @@
-"""Image sources: where images come from and how each becomes an RGB tensor.
+"""Image sources: where images come from (folder, list, files, torchvision data set).
 
-A source is a list of items with an id, a label (-1 when unlabeled) and a way to open the
-item as a PIL image.  :class:`Decoded` wraps a source as a torch Dataset yielding uint8
-tensors; a decode error is returned as a value (never raised inside a DataLoader worker,
-never replaced by a neighbouring image), so rows stay aligned with their ids.
+A source is a list of items with an id, a label (-1 when unlabeled), the class names and a
+way to open the item as a PIL image; turning that into pixels is :mod:`featx.decode`'s job.
+:func:`open_splits` finds training and validation images for ``sweep`` and ``finetune``;
+:func:`source_fingerprint` identifies the items (ids and labels) of a run.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, ImageFile, ImageOps
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+from PIL import Image
 
-from featx.backbones import Preprocess
 from featx.errors import FeatxError
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a gray smear
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 
 
 class Source:
@@ -260,81 +253,8 @@ def open_source(data: str, split: str | None = None, root: str | None = None) ->
     return folder_source(p, split)
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow image as 8-bit RGB: EXIF orientation applied, alpha composited on white,
-    16-bit and float images scaled (not clipped) to 8 bits, CMYK/palette/gray converted."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or (img.mode == "I" and a.max() > 255):
-            a = a / 257.0  # 16-bit range -> 8-bit range
-        elif img.mode == "F" and a.max() <= 1.0:
-            a = a * 255.0
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-@dataclass
-class Decoded(torch.utils.data.Dataset):
-    """Dataset over a source yielding ``(uint8 CHW tensor | None, index, error | None)``.
-
-    Normalisation is left to the consumer, which does it once per batch on the device;
-    shipping uint8 between processes is also 4x cheaper than float32.
-    """
-
-    source: Source
-    pre: Preprocess
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def load(self, i: int) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = self.source.open(i)
-            w, h = img.size
-            if w * h > self.max_pixels:
-                raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds the limit of {self.max_pixels}")
-            if self.pre.jpeg_draft and img.format == "JPEG":
-                # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying >= the target size
-                img.draft("RGB", (self.pre.resize, self.pre.resize))
-            img.load()
-        img = to_rgb(img)
-        if self.pre.grayscale:
-            img = img.convert("L").convert("RGB")
-        interp = InterpolationMode(self.pre.interpolation)
-        img = TF.resize(img, self.pre.resize, interpolation=interp, antialias=True)
-        img = TF.center_crop(img, self.pre.crop)
-        return TF.pil_to_tensor(img)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.load(i), i, None
-        except Exception as e:  # any decoder error becomes a recorded failure
-            msg = str(e).splitlines()[0] if str(e) else ""
-            return None, i, f"{type(e).__name__}: {msg}".strip()
-
-
-def collate(items):
-    """Batch the good images; keep (index, error) of the bad ones beside them."""
-    good = [(t, i) for t, i, e in items if e is None]
-    bad = [(i, e) for t, i, e in items if e is not None]
-    x = torch.stack([t for t, _ in good]) if good else None
-    return x, [i for _, i in good], bad
-
-
 def source_fingerprint(source: Source) -> dict:
     """What identifies the items: description plus a digest of ids and labels."""
-    import hashlib
-
     h = hashlib.sha256()
     for i in source.ids:
         h.update(i.encode() + b"\0")

@@ -18,10 +18,12 @@ temporary name and renamed into place.  Consequences:
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,20 +50,51 @@ class Shard:
     path: Path
 
 
+def featx_version() -> str:
+    try:
+        return importlib.metadata.version("featx")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def make_header(provenance: dict, fingerprint: dict) -> dict:
+    """Root attributes of a feature file: how it was made, by what, and its fingerprint.
+
+    Args:
+        provenance: backbone, weights (id, sha256, path, seed), taps, pooling,
+            preprocessing, precision, source, library versions...; dicts become JSON.
+        fingerprint: what decides whether an existing output or parts folder belongs to
+            the same job (settings plus the source's items).
+    """
+    attrs = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in provenance.items()}
+    return {**attrs, "featx_version": featx_version(), "command": " ".join(sys.argv),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": json.dumps(fingerprint, sort_keys=True)}
+
+
 class StoreWriter:
     """Streams extracted rows to shards and assembles the final HDF5 file.
 
+    The runner calls :meth:`add` for each batch, in item order; the writer cuts them into shards of
+    about ``shard_items`` items (boundaries at batch ends, so a resumed run forms the same
+    shards), publishes each by an atomic rename, and :meth:`finalize` assembles the file.
+
     Args:
         out: the .h5 file to produce.
-        header: provenance attributes; ``header["fingerprint"]`` (a JSON string) decides
+        header: root attributes (:func:`make_header`); ``header["fingerprint"]`` decides
             whether an existing output or parts folder belongs to the same job.
         n_items: how many source items the job covers.
+        taps: stored tap name -> ``{"layer", "pool", "dim"}``, known before the first row,
+            so a shard of failures only still has the right widths.
         overwrite: discard an existing output or parts folder of a different job.
+        shard_items: items per shard, at least (a shard ends at the first batch end past it).
     """
 
-    def __init__(self, out: str | os.PathLike, header: dict, n_items: int, overwrite: bool = False):
+    def __init__(self, out: str | os.PathLike, header: dict, n_items: int, taps: dict[str, dict],
+                 overwrite: bool = False, shard_items: int = 4096):
         self.out, self.header, self.n_items = Path(out), dict(header), n_items
+        self.taps, self.shard_items = {k: dict(v) for k, v in taps.items()}, shard_items
         self.parts = parts_dir(out)
+        self._buffer: list[tuple] = []
         fp = header["fingerprint"]
         if self.out.exists():
             same = False
@@ -90,7 +123,8 @@ class StoreWriter:
                     )
                 shutil.rmtree(self.parts)
         self.parts.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.parts / "header.json", json.dumps({**self.header, "n_items": n_items}))
+        _atomic_write_text(self.parts / "header.json",
+                           json.dumps({**self.header, "n_items": n_items, "tap_specs": self.taps}))
 
     # -- shards ---------------------------------------------------------------------------
 
@@ -100,17 +134,38 @@ class StoreWriter:
     def done_ranges(self) -> list[tuple[int, int]]:
         return [(s.first, s.end) for s in self.shards()]
 
-    def write_shard(self, first: int, end: int, taps: dict[str, np.ndarray], labels: np.ndarray,
-                    ids: list[str], failed_ids: list[str], failed_reasons: list[str]) -> None:
-        """Write the rows of source items [first, end) atomically."""
-        arrays = {f"tap:{k}": v for k, v in taps.items()}
+    def missing(self, items: range | None = None) -> list[range]:
+        """Item ranges (of ``items``, default all) that no published shard covers yet."""
+        return gaps(self.done_ranges(), items if items is not None else range(self.n_items))
+
+    def add(self, first: int, end: int, taps: dict[str, np.ndarray] | None, labels, ids: list[str],
+            failed_ids: list[str], failed_reasons: list[str]) -> None:
+        """Rows of the source items [first, end), which follow the previous ``add`` directly.
+
+        ``taps`` is None when no item of the range could be decoded.
+        """
+        if self._buffer and first != self._buffer[-1][1]:
+            raise ValueError(f"items {first}-{end} do not follow item {self._buffer[-1][1]}; flush() first.")
+        self._buffer.append((first, end, taps, labels, ids, failed_ids, failed_reasons))
+        if end - self._buffer[0][0] >= self.shard_items:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish the rows added so far as one shard (at the end of a contiguous range)."""
+        if not self._buffer:
+            return
+        parts, self._buffer = self._buffer, []
+        arrays = {}
+        for name, spec in self.taps.items():
+            blocks = [p[2][name] for p in parts if p[2] is not None]
+            arrays[f"tap:{name}"] = np.concatenate(blocks) if blocks else np.zeros((0, spec["dim"]), np.float32)
         arrays.update(
-            labels=np.asarray(labels, dtype=np.int64),
-            ids=np.asarray(ids, dtype=np.str_),
-            failed_ids=np.asarray(failed_ids, dtype=np.str_),
-            failed_reasons=np.asarray(failed_reasons, dtype=np.str_),
+            labels=np.concatenate([np.asarray(p[3], dtype=np.int64) for p in parts]),
+            ids=np.asarray([i for p in parts for i in p[4]], dtype=np.str_),
+            failed_ids=np.asarray([i for p in parts for i in p[5]], dtype=np.str_),
+            failed_reasons=np.asarray([r for p in parts for r in p[6]], dtype=np.str_),
         )
-        final = self.parts / f"shard-{first:012d}-{end:012d}.npz"
+        final = self.parts / f"shard-{parts[0][0]:012d}-{parts[-1][1]:012d}.npz"
         tmp = final.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -120,27 +175,20 @@ class StoreWriter:
 
     # -- assembly -------------------------------------------------------------------------
 
-    def missing(self) -> list[range]:
-        """Item ranges that no shard covers yet."""
-        return gaps(self.done_ranges(), range(self.n_items))
-
-    def finalize(self, classes: list[str], default_tap: str, tap_info: dict[str, dict],
-                 dtype: str = "float32", extra_attrs: dict | None = None) -> Path:
-        """Assemble the shards into the HDF5 file, then remove them."""
+    def finalize(self, classes: list[str], default_tap: str, dtype: str = "float32",
+                 extra_attrs: dict | None = None) -> Path:
+        """Assemble the shards into the HDF5 file, one shard in memory at a time, then remove them."""
+        self.flush()
         missing = self.missing()
         if missing:
             raise FeatxError(f"cannot assemble {self.out}: items {', '.join(f'{r.start}-{r.stop - 1}' for r in missing[:3])}"
                              " are not extracted yet.")
         shards = self.shards()
-        n_rows, n_failed, dims = 0, 0, {}
+        n_rows, n_failed = 0, 0
         for s in shards:
             with np.load(s.path) as z:
                 n_rows += len(z["ids"])
                 n_failed += len(z["failed_ids"])
-                if len(z["ids"]):  # an all-failed shard stores no usable width
-                    for k in tap_info:
-                        if k not in dims:
-                            dims[k] = z[f"tap:{k}"].shape[1]
         tmp = self.out.with_name(self.out.name + ".tmp")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(tmp, "w") as f:
@@ -156,12 +204,12 @@ class StoreWriter:
             f.attrs["feature_dtype"] = dtype
             f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR)
             grp = f.create_group("taps", track_order=True)  # taps listed in extraction order
-            for name, info in tap_info.items():
-                d = dims.get(name, 0)
+            for name, spec in self.taps.items():
+                d = int(spec["dim"])
                 chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(4 * d, 1)))
                 ds = grp.create_dataset(name, shape=(n_rows, d), dtype=dtype,
                                         chunks=(chunk_rows, max(d, 1)) if n_rows and d else None)
-                ds.attrs.update(info)
+                ds.attrs.update({k: v for k, v in spec.items() if k != "dim"})
             f["features"] = grp[default_tap]  # a hard link: the default tap, no copy
             labels = f.create_dataset("labels", shape=(n_rows,), dtype=np.int64)
             ids = f.create_dataset("ids", shape=(n_rows,), dtype=_STR)
@@ -171,7 +219,7 @@ class StoreWriter:
             for s in shards:  # one shard in memory at a time
                 with np.load(s.path) as z:
                     k = len(z["ids"])
-                    for name in tap_info:
+                    for name in self.taps:
                         if k:
                             grp[name][r:r + k] = z[f"tap:{name}"].astype(dtype, copy=False)
                     labels[r:r + k] = z["labels"]
@@ -339,6 +387,23 @@ class FeatureStore:
                 "weights_path": a.get("weights_path", ""), "weights_seed": a.get("weights_seed"), "tap": tap, "layer": ti.get("layer"),
                 "pool": ti.get("pool"), "preprocessing": a.get("preprocessing"), "dim": self.dim(tap),
                 "classes": self.classes}
+
+
+def check_provenance(expected: dict, got: dict, what: str) -> None:
+    """Refuse features made differently from ``expected`` (a model's, or the training file's).
+
+    Backbone, weights, tap, pooling and width must agree, and the class lists must be equal,
+    or the label numbers would mean different classes.
+    """
+    for key in ("backbone", "weights_sha256", "layer", "pool", "dim"):
+        a, b = expected.get(key), got.get(key)
+        if a is not None and b is not None and str(a) != str(b):
+            raise FeatxError(f"{what} does not match the model: {key} is {b!r} there but the model was "
+                             f"trained on {key} {a!r}.")
+    a, b = expected.get("classes"), got.get("classes")
+    if a and b and list(a) != list(b):
+        raise FeatxError(f"{what} has classes {list(b)[:5]}... but the model knows {list(a)[:5]}..., so their label "
+                         "numbers mean different classes (give every split the same class folders).")
 
 
 def progress_of(parts: Path) -> str:

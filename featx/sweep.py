@@ -18,8 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import train_test_split
 
+from featx import plots, registry
 from featx.errors import FeatxError
+from featx.extract import ExtractConfig, extract
+from featx.fit import fit_arrays
+from featx.sources import Subset, open_splits
+from featx.store import FeatureStore, check_provenance
 
 # a per-class training count below this is "small" for fine-tuning (transfer-learning
 # guidance: with a few hundred images per class, train a head on frozen features)
@@ -62,14 +68,9 @@ def probe(train, val, taps: list[str] | None = None, rows: np.ndarray | None = N
         taps: stored taps to probe (default: all, in the file's order).
         rows: training rows to use (a subsample); default all.
     """
-    from sklearn.model_selection import train_test_split
-
-    from featx.bundle import check_features
-    from featx.fit import fit_arrays
-
     taps = _in_depth_order(train, taps or train.taps)
     for t in taps if val is not None else ():  # same features and class numbering, before any fit
-        check_features(train.provenance(t), val.provenance(t), f"the validation features {val.path}")
+        check_provenance(train.provenance(t), val.provenance(t), f"the validation features {val.path}")
     y = train.labels if rows is None else train.labels[rows]
     if val is None:
         idx = np.arange(len(y))
@@ -83,10 +84,10 @@ def probe(train, val, taps: list[str] | None = None, rows: np.ndarray | None = N
         else:
             Xtr, ytr, Xva, yva = X, y, val.features(t), val.labels
         t0 = time.perf_counter()
-        r = fit_arrays(Xtr, ytr, "logreg", Xva, yva, search="auto", seed=seed, refit=False)
+        r = fit_arrays(Xtr, ytr, "logreg", Xva, yva, search="auto", seed=seed, refit=False, report=False)
         info = train.tap_info(t)
         row = ProbeRow(t, info["layer"], layers.index(info["layer"]), info["pool"], X.shape[1],
-                       r.val_metrics["accuracy"], float(r.params["C"]), time.perf_counter() - t0)
+                       r.val_accuracy, float(r.params["C"]), time.perf_counter() - t0)
         out.append(row)
         if progress:
             progress(row)
@@ -151,25 +152,8 @@ def write_outputs(out: str | os.PathLike, rows: list[ProbeRow], advice: list[str
     (d / "sweep.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows],
                                               "recommendation": advice}, indent=1))
     (d / "recommendation.txt").write_text("\n".join(advice) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for pool_ in dict.fromkeys(r.pool for r in rows):
-        pts = sorted((r.depth, r.val_accuracy) for r in rows if r.pool == pool_)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pool_)
-    layers = {r.depth: r.layer for r in rows}
-    ax.set_xticks(sorted(layers))
-    ax.set_xticklabels([layers[k] for k in sorted(layers)], rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(f"linear probe per tap: {meta.get('backbone', '')}")
-    ax.grid(alpha=0.3)
-    ax.legend(title="pooling")
-    fig.tight_layout()
-    fig.savefig(d / "accuracy_by_depth.png", dpi=100)
-    plt.close(fig)
+    plots.accuracy_by_depth(d / "accuracy_by_depth.png", [(r.depth, r.layer, r.pool, r.val_accuracy) for r in rows],
+                            f"linear probe per tap: {meta.get('backbone', '')}")
     return d
 
 
@@ -197,9 +181,7 @@ def sweep_features(train, val, out: str | os.PathLike, taps: list[str] | None = 
 
 
 def block_taps(backbone: str) -> list[str]:
-    from featx import backbones as bb
-
-    return [b.tap for b in bb.blocks_of(backbone, bb.skeleton(backbone))]
+    return [b.tap for b in registry.blocks_of(backbone, registry.skeleton(backbone))]
 
 
 def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[str] | None, pools: list[str],
@@ -211,10 +193,6 @@ def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[st
     Splits as :func:`featx.sources.open_splits` finds them: ``train``/``val`` folders when
     DATA has them, else all of DATA with a stratified, seeded hold-out for validation.
     """
-    from featx.extract import ExtractConfig, extract
-    from featx.sources import Subset, open_splits
-    from featx.store import FeatureStore
-
     blocks = block_taps(backbone)
     layers = blocks if not taps or taps == ["blocks"] else taps
     cfg = ExtractConfig(backbone=backbone, weights=weights, layers=tuple(layers), pools=tuple(pools),

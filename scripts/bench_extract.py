@@ -55,8 +55,9 @@ def bench(backbone: str, data: Path, out_dir: Path, n: int) -> dict:
     import torch
     import torchvision
 
+    from featx.decode import Decoded
     from featx.extract import ExtractConfig, FeatureExtractor, extract
-    from featx.sources import Decoded, folder_source
+    from featx.sources import folder_source
 
     res = {}
     src = folder_source(data)

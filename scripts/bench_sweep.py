@@ -35,7 +35,8 @@ def main() -> None:
         a.train, a.test = fashion_features(ROOT / "cache" / "bench_sweep", [f"features.{i}" for i in range(19)],
                                            ("avg", "grid2"))
     from featx import sweep as sw
-    from featx.fit import evaluate, fit_arrays
+    from featx.fit import fit_arrays
+    from featx.metrics import evaluate
     from featx.store import FeatureStore
 
     out = ROOT / "cache" / "sweep_fashion_mnist"

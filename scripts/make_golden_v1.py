@@ -25,10 +25,11 @@ header = {
     "source": json.dumps({"type": "folder", "root": "/golden", "split": None, "n_items": 4}),
     "fingerprint": "golden",
 }
-w = StoreWriter(out, header, n_items=4, overwrite=True)
-w.write_shard(0, 4, {"features": np.arange(12, dtype=np.float32).reshape(3, 4),
-                     "features.13": -np.arange(6, dtype=np.float32).reshape(3, 2)},
-              np.array([0, 1, 0]), ["a/1.png", "b/2.png", "a/3.png"], ["a/bad.png"], ["UnidentifiedImageError: x"])
-w.finalize(["a", "b"], "features", {"features": {"layer": "features", "pool": "avg"},
-                                    "features.13": {"layer": "features.13", "pool": "grid2"}})
+taps = {"features": {"layer": "features", "pool": "avg", "dim": 4},
+        "features.13": {"layer": "features.13", "pool": "grid2", "dim": 2}}
+w = StoreWriter(out, header, n_items=4, taps=taps, overwrite=True)
+w.add(0, 4, {"features": np.arange(12, dtype=np.float32).reshape(3, 4),
+             "features.13": -np.arange(6, dtype=np.float32).reshape(3, 2)},
+      np.array([0, 1, 0]), ["a/1.png", "b/2.png", "a/3.png"], ["a/bad.png"], ["UnidentifiedImageError: x"])
+w.finalize(["a", "b"], "features")
 print("wrote", out)

@@ -9,6 +9,7 @@ from sklearn.datasets import make_blobs
 from featx import bundle
 from featx.errors import FeatxError
 from featx.fit import fit_arrays
+from featx.store import check_provenance
 
 from conftest import write_store
 
@@ -137,4 +138,4 @@ def test_pickle_bundle_only_on_opt_in(tmp_path):
 
 def test_check_features_names_both_sides():
     with pytest.raises(FeatxError, match="backbone is 'resnet50' there but the model was trained on backbone 'vgg16'"):
-        bundle.check_features({"backbone": "vgg16"}, {"backbone": "resnet50"}, "x.h5")
+        check_provenance({"backbone": "vgg16"}, {"backbone": "resnet50"}, "x.h5")

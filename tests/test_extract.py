@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from featx import backbones as bb
+from featx import registry, weights
 from featx.errors import FeatxError
-from featx.extract import FeatureExtractor, TapRecorder, extract, pool
+from featx.extract import FeatureExtractor, extract
+from featx.taps import TapRecorder, pool
 from featx.sources import folder_source
 from featx.store import FeatureStore, parts_dir
 
@@ -31,8 +32,8 @@ def test_course_backbones_default_tap(image_tree, tmp_path, name, size, dim):
 
 
 def test_classifier_hidden_layer_alias_fc7():
-    model = bb._build("vgg16", None)
-    assert bb.resolve_tap("vgg16", model, "fc7") == "classifier.4"
+    model = registry.build("vgg16")
+    assert registry.resolve_tap("vgg16", model, "fc7") == "classifier.4"
     with TapRecorder(model.eval(), {"classifier.4": "avg"}) as rec:
         assert rec.run(torch.zeros(1, 3, 32, 32))["classifier.4"].shape == (1, 4096)
 
@@ -130,14 +131,15 @@ KILL_SCRIPT = textwrap.dedent("""
     from featx.extract import extract
     from featx.sources import folder_source
     from featx.store import StoreWriter
-    real = StoreWriter.write_shard
+    real = StoreWriter.flush
     count = []
-    def write_then_die(self, *a, **k):
+    def flush_then_die(self, *a, **k):
+        publishing = bool(self._buffer)
         real(self, *a, **k)
-        count.append(1)
-        if len(count) == 2:
+        count.append(publishing)
+        if sum(count) == 2:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush, no finally
-    StoreWriter.write_shard = write_then_die
+    StoreWriter.flush = flush_then_die
     extract(folder_source({data!r}, "train"), {out!r}, small_config({weights!r}), shard_items=4)
 """)
 
@@ -178,13 +180,14 @@ def test_shards_bound_memory(image_tree, tmp_path, weights_file, monkeypatch):
     from featx.store import StoreWriter
 
     sizes = []
-    real = StoreWriter.write_shard
+    real = StoreWriter.flush
 
-    def spy(self, first, end, taps, *a, **k):
-        sizes.append(end - first)
-        return real(self, first, end, taps, *a, **k)
+    def spy(self):
+        if self._buffer:
+            sizes.append(self._buffer[-1][1] - self._buffer[0][0])
+        return real(self)
 
-    monkeypatch.setattr(StoreWriter, "write_shard", spy)
+    monkeypatch.setattr(StoreWriter, "flush", spy)
     extract(folder_source(image_tree, "train"), tmp_path / "f.h5", small_config(weights_file), shard_items=4)
     assert sizes == [4, 4, 4]  # rows leave memory every 4 items, however many images there are
 
@@ -200,7 +203,7 @@ def test_provenance_attributes(image_tree, tmp_path, weights_file):
     with FeatureStore(r.out) as fs:
         a = fs.attrs
     assert a["backbone"] == "mobilenet_v2" and a["weights"] == "file:mnv2_random.pt"
-    assert a["weights_sha256"] == bb.sha256_of(weights_file)
+    assert a["weights_sha256"] == weights.sha256_of(weights_file)
     assert json.loads(a["preprocessing"])["crop"] == 32
     assert json.loads(a["source"])["split"] == "val"
     for key in ("featx_version", "torch_version", "torchvision_version", "command", "pooling"):

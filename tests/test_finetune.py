@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from featx.errors import FeatxError
-from featx.finetune import FinetuneConfig, apply_freeze, finetune, replace_head, train_mode, trainable_prefixes
+from featx.finetune import FinetuneConfig, finetune
+from featx.heads import apply_freeze, replace_head, train_mode, trainable_prefixes
 from featx.sources import folder_source
 
 from conftest import BACKBONE
@@ -19,10 +20,10 @@ def cfg(**kw):
 
 
 def model_with_head(unfreeze):
-    from featx import backbones as bb
+    from featx import registry
 
-    model = bb._build(BACKBONE, None)
-    head = replace_head(BACKBONE, model, 2)
+    model = registry.build(BACKBONE)
+    head = replace_head(model, 2).module
     apply_freeze(model, trainable_prefixes(BACKBONE, model, unfreeze, head))
     return model, head
 
@@ -108,7 +109,7 @@ def test_exported_weights_round_trip_into_extract_and_predict(image_tree, tmp_pa
 
 
 def test_augmentation_presets():
-    from featx.backbones import Preprocess
+    from featx.preprocess import Preprocess
     from featx.finetune import transforms
 
     pre = Preprocess(36, 32, (0.5,) * 3, (0.5,) * 3)

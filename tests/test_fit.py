@@ -8,7 +8,8 @@ from sklearn.datasets import make_blobs, make_classification
 from featx import bundle
 from featx.classifiers import make_classifier, parse_grid
 from featx.errors import FeatxError
-from featx.fit import evaluate, fit_arrays
+from featx.fit import fit_arrays
+from featx.metrics import evaluate
 
 from conftest import write_store
 
@@ -164,3 +165,15 @@ def test_cli_class_weight_balanced(tmp_path, run_cli):
     r = run_cli("fit", tr, "--class-weight", "balanced", "--search", "none", "--out", tmp_path / "m.skops")
     assert r.exit_code == 0, r.output
     assert bundle.load(tmp_path / "m.skops").pipeline.named_steps["clf"].class_weight == "balanced"
+
+
+def test_unknown_hyper_parameters_are_refused_on_every_path():
+    """--grid gamma=... used to vanish silently above SVC_MAX_SAMPLES (Nystroem path)."""
+    from featx.classifiers import make_online_classifier
+
+    assert make_classifier("svm", n_samples=50_000, gamma=0.5).named_steps["rbf"].gamma == 0.5
+    for kw in ({"n_samples": 100}, {"n_samples": 50_000}):
+        with pytest.raises(FeatxError, match="unknown hyper-parameters for svm: depth"):
+            make_classifier("svm", depth=3, **kw)
+    with pytest.raises(FeatxError, match="unknown hyper-parameters for logreg: C"):
+        make_online_classifier("logreg", C=1.0)

@@ -39,3 +39,16 @@ def test_warm_start_needs_fewer_iterations():
     lr.set_params(C=1.0).fit(X, y)
     assert lr.n_iter_[0] < cold.n_iter_[0]
     np.testing.assert_allclose(lr.predict_proba(X), cold.predict_proba(X), atol=1e-3)
+
+
+def test_coef_init_starts_from_a_given_solution():
+    """The regularisation path passes the previous solution to fit() instead of setting
+    fitted attributes on an unfitted estimator."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(1500, 12))
+    y = (X[:, :3] @ rng.normal(size=(3, 3))).argmax(1)
+    near = FastLogisticRegression(C=0.9, tol=1e-6).fit(X, y)
+    cold = FastLogisticRegression(C=1.0, tol=1e-6).fit(X, y)
+    warm = FastLogisticRegression(C=1.0, tol=1e-6).fit(X, y, coef_init=near.coef_, intercept_init=near.intercept_)
+    assert warm.n_iter_[0] < cold.n_iter_[0]
+    np.testing.assert_allclose(warm.predict_proba(X), cold.predict_proba(X), atol=1e-3)

@@ -1,11 +1,13 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from featx.backbones import Preprocess
+from featx.decode import Decoded, to_rgb
+from featx.preprocess import Preprocess
 from featx.errors import FeatxError
-from featx.sources import Decoded, TorchvisionSource, folder_source, list_source, open_source, to_rgb
+from featx.sources import TorchvisionSource, folder_source, list_source, open_source
 
 from conftest import make_image
 
@@ -174,3 +176,19 @@ def test_open_splits_finds_split_folders_or_holds_out(image_tree):
     assert open_splits(str(image_tree / "train"), val_fraction=0).val is None
     with pytest.raises(FeatxError, match="split 'test' not found"):
         open_splits(str(image_tree), val_split="test")  # a split asked for by name must exist
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_image(tmp_path):
+    """Training images get the same augmentation for the same (seed, epoch, image), whatever
+    the order or worker that asks: a resumed run repeats an uninterrupted one exactly."""
+    from torchvision.transforms import v2 as T
+
+    for i in range(3):
+        make_image(tmp_path / f"{i}.png", (30 * i, 90, 200), size=(48, 48), seed=i)
+    aug = T.Compose([T.RandomResizedCrop(16, scale=(0.3, 1.0)), T.ColorJitter(0.5, 0.5, 0.5)])
+    ds = Decoded(folder_source(tmp_path), PRE, transform=aug, seed=7)
+    first = [ds[(i, 1)][0] for i in (2, 1, 0)][::-1]
+    again = [ds[(i, 1)][0] for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(ds[(0, 2)][0], first[0])  # another epoch, another draw
+    assert not torch.equal(Decoded(folder_source(tmp_path), PRE, transform=aug, seed=8)[(0, 1)][0], first[0])

@@ -11,9 +11,10 @@ from conftest import small_config
 def store_with_taps(path, taps: dict, y, classes):
     header = {"backbone": "mobilenet_v2", "weights": "w", "weights_sha256": "", "weights_path": "",
               "preprocessing": "{}", "pooling": "{}", "taps": "{}", "fingerprint": str(path), "source": "{}"}
-    w = StoreWriter(path, header, len(y), overwrite=True)
-    w.write_shard(0, len(y), taps, y, [f"i{k}" for k in range(len(y))], [], [])
-    w.finalize(classes, next(iter(taps)), {t: {"layer": t.split("@")[0], "pool": t.split("@")[1]} for t in taps})
+    specs = {t: {"layer": t.split("@")[0], "pool": t.split("@")[1], "dim": v.shape[1]} for t, v in taps.items()}
+    w = StoreWriter(path, header, len(y), specs, overwrite=True)
+    w.add(0, len(y), taps, y, [f"i{k}" for k in range(len(y))], [], [])
+    w.finalize(classes, next(iter(taps)))
     return path
 
 
@@ -71,19 +72,21 @@ def test_max_per_class_subsample_keeps_order():
 
 
 def test_sweep_decodes_and_forwards_each_image_once(image_tree, tmp_path, monkeypatch):
-    from featx.extract import TapRecorder
-    from featx.sources import Decoded
+    from featx.decode import Decoded
+    from featx.taps import TapRecorder
 
     decoded, forwards = [], []
     real_load, real_run = Decoded.load, TapRecorder.run
-    monkeypatch.setattr(Decoded, "load", lambda self, i: decoded.append(self.source.ids[i]) or real_load(self, i))
+    monkeypatch.setattr(Decoded, "load", lambda self, i, *a: decoded.append(self.source.ids[i]) or real_load(self, i, *a))
     monkeypatch.setattr(TapRecorder, "run", lambda self, x: forwards.append(len(x)) or real_run(self, x))
     cfg = small_config()
     rows, advice = sw.sweep_images(str(image_tree), str(tmp_path / "sw"), "mobilenet_v2", "none", ["blocks"],
                                    ["avg", "grid2"], image_size=32,
                                    extract_kw={"batch_size": cfg.batch_size, "workers": 0})
     assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 18  # 12 train + 6 val, once each
-    assert forwards == [4, 4, 4, 4, 2]  # one forward per batch serves 19 blocks x 2 poolings
+    # per file, a one-image blank measures the tap widths; then one forward per batch
+    # serves 19 blocks x 2 poolings: train (12 images) in 4+4+4, val (6) in 4+2
+    assert forwards == [1, 4, 4, 4, 1, 4, 2]
     assert len(rows) == 38 and {r.pool for r in rows} == {"avg", "grid2"}
     from featx.store import FeatureStore
 

@@ -7,10 +7,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from featx import backbones as bb
+from featx import registry
+from featx import weights as bb
 from featx.errors import FeatxError
 from featx.extract import FeatureExtractor
-from featx.sources import Decoded, files_source
+from featx.decode import Decoded
+from featx.sources import files_source
 
 from conftest import small_config
 
@@ -20,13 +22,14 @@ def test_weights_names_resolve():
     assert bb.resolve_weights("mobilenet_v2", "IMAGENET1K_V1").id == "MobileNet_V2_Weights.IMAGENET1K_V1"
     assert bb.resolve_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V2").id == "ResNet50_Weights.IMAGENET1K_V2"
     assert bb.resolve_weights("resnet50", "none").enum is None
+    assert bb.resolve_weights("resnet50", "none", seed=3).seed == 3
     with pytest.raises(FeatxError, match="allowed: DEFAULT, none, a file path, IMAGENET1K_V1"):
         bb.resolve_weights("resnet50", "IMAGENET9K")
 
 
 def test_unknown_backbone():
     with pytest.raises(FeatxError, match="unknown backbone 'resnet51'.*did you mean"):
-        bb.check_backbone("resnet51")
+        registry.check_backbone("resnet51")
 
 
 def test_missing_named_weights_offline_say_how_to_fix(tmp_path, monkeypatch):
@@ -95,8 +98,7 @@ def test_real_imagenet_weights_recognise_a_photograph(tmp_path, monkeypatch, run
     categories = ex.weights.enum.meta["categories"]
     assert categories[int(np.argmax(logits))] == "palace"
     # the same file given by path is recognised as torchvision's (id, preprocessing, hash)
-    w = bb.resolve_weights("mobilenet_v2", str(src_file))
-    bb.load_backbone("mobilenet_v2", w)
+    _, w = bb.load_backbone("mobilenet_v2", bb.resolve_weights("mobilenet_v2", str(src_file)))
     assert w.id == "MobileNet_V2_Weights.IMAGENET1K_V1" and w.sha256 == ex.weights.sha256
 
 

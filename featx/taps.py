@@ -1,0 +1,140 @@
+"""Taps: pooled outputs of named modules, recorded during one forward pass.
+
+A forward hook on each tapped module pools its output at once (so inplace activations
+later in the network cannot alter it, and memory stays small), and the forward pass is cut
+short once every tap has fired, so tapping early layers costs only the early layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featx import registry
+from featx.errors import FeatxError
+
+POOLS = ("avg", "max", "gem", "grid2", "grid3", "grid4")
+
+
+def pool(t: torch.Tensor, how: str, nhwc: bool = False) -> torch.Tensor:
+    """Pool a feature map (N, C, H, W) or token sequence (N, L, D) to (N, D').
+
+    ``nhwc`` marks a channels-last map (N, H, W, C), as Swin's blocks produce.
+    """
+    if t.ndim == 2:
+        return t
+    if t.ndim == 3:  # transformer tokens: pool over the sequence
+        t = t.transpose(1, 2).unsqueeze(-1)
+    elif nhwc:
+        t = t.permute(0, 3, 1, 2)
+    if t.ndim != 4:
+        return t.flatten(1)
+    if how == "avg":
+        return t.mean((2, 3))
+    if how == "max":
+        return t.amax((2, 3))
+    if how == "gem":  # generalised mean (p=3) of Radenović et al.; assumes activations >= 0
+        return t.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1.0 / 3)
+    if how.startswith("grid"):
+        k = int(how[4:])
+        return F.adaptive_avg_pool2d(t, k).flatten(1)
+    raise FeatxError(f"unknown pooling {how!r}; allowed: {', '.join(POOLS)}.")
+
+
+def check_pool(how: str) -> str:
+    if how not in POOLS and not (how.startswith("grid") and how[4:].isdigit() and int(how[4:]) > 0):
+        raise FeatxError(f"unknown pooling {how!r}; allowed: {', '.join(POOLS)} (gridK for any K).")
+    return how
+
+
+class _Done(Exception):
+    """Raised by the last hook to fire: the rest of the network is not needed."""
+
+
+class TapRecorder:
+    """Forward hooks that pool the outputs of named modules during one forward pass.
+
+    Args:
+        model: the network.
+        taps: stored name -> (module name, pooling); a module name ending in ``:input``
+            records the module's input instead of its output.
+        nhwc: taps on modules under this name produce channels-last maps (Swin).
+    """
+
+    def __init__(self, model: nn.Module, taps: dict[str, tuple[str, str]] | dict[str, str], nhwc: str | None = None):
+        self.model, self.nhwc = model, nhwc
+        # accept {module: pool} as a shorthand
+        self.taps = {k: (v if isinstance(v, tuple) else (k, v)) for k, v in taps.items()}
+        self.out: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> "TapRecorder":
+        by_module: dict[str, list[tuple[str, str]]] = {}
+        for name, (module, how) in self.taps.items():
+            by_module.setdefault(module, []).append((name, how))
+        modules = dict(self.model.named_modules())
+        for module, wanted in by_module.items():
+            is_input = module.endswith(registry.INPUT_SUFFIX)
+            m = modules[module[: -len(registry.INPUT_SUFFIX)] if is_input else module]
+
+            channels_last_map = bool(self.nhwc) and (module == self.nhwc or module.startswith(self.nhwc + "."))
+
+            def record(t, wanted=wanted, cl=channels_last_map):
+                for name, how in wanted:
+                    if name not in self.out:  # first call wins for modules used twice
+                        self.out[name] = pool(t, how, cl).float()
+                if len(self.out) == len(self.taps):
+                    raise _Done
+
+            if is_input:
+                h = m.register_forward_pre_hook(lambda mod, args, record=record: record(args[0]))
+            else:
+                h = m.register_forward_hook(lambda mod, args, out, record=record: record(out))
+            self._handles.append(h)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.out = {}
+        try:
+            self.model(x)
+        except _Done:
+            pass
+        missing = set(self.taps) - set(self.out)
+        if missing:
+            raise FeatxError(f"layers {sorted(missing)} were never called in the forward pass.")
+        return self.out
+
+
+def describe(name: str) -> dict:
+    """Default tap and its feature dimension, without real compute.
+
+    The model is built on the meta device, so even the largest model costs no memory.
+    """
+    fam = registry.family_of(name)
+    info = {"name": name, "default_tap": fam.default_tap or "(input of last Linear)", "dim": None}
+    size = 299 if name == "inception_v3" else 224
+
+    def probe(device: str, size: int) -> int:
+        with torch.device(device), (registry.no_init() if device == "cpu" else contextlib.nullcontext()):
+            model = registry.build(name).eval()
+            tap = registry.default_tap(name, model)
+            with torch.no_grad(), TapRecorder(model, {tap: "avg"}, nhwc=fam.nhwc) as rec:
+                out = rec.run(torch.zeros(1, 3, size, size))
+        info["default_tap"] = tap
+        return int(out[tap].shape[1])
+
+    try:  # the meta device costs neither memory nor compute ...
+        info["dim"] = probe("meta", size)
+    except Exception:
+        try:  # ... but a few models (RegNet) cannot be built there
+            info["dim"] = probe("cpu", 64)  # pooled taps have the same width at any size
+        except Exception:
+            pass
+    return info

@@ -1,0 +1,280 @@
+"""Backbone weights: resolve ``--weights``, verify, load, import; fine-tuned network files.
+
+Named weights go through torchvision's own API (``get_model_weights``, ``WeightsEnum.verify``,
+download when online, the standard ``TORCH_HOME`` cache, hash check).  A file is read with
+``torch.load(weights_only=True)``, so it can hold tensors and plain containers but never
+run code.  Random weights (``none``) are seeded, and their parameters hashed, so that the
+same network can be made, and checked, again.
+
+A fine-tuned network (``featx finetune``'s ``backbone.pt``) is a state dict with featx's
+metadata beside it; :func:`save_finetuned` writes it and :func:`finetuned_meta` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import get_model_weights
+
+from featx import registry
+from featx.errors import FeatxError
+from featx.heads import replace_head
+from featx.preprocess import Preprocess
+
+# torch.hub's own rule: the sha256 prefix sits between the last '-' and the extension.
+HASH_REGEX = re.compile(r"-([a-f0-9]{6,})\.")
+FINETUNED = "finetune"  # the "featx" tag of a fine-tuned network file
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Which weights a backbone carries, and where they came from."""
+
+    id: str  # "MobileNet_V2_Weights.IMAGENET1K_V1", "none", or "file:<name>"
+    sha256: str = ""  # of the file read; random weights: of the parameters made; "" until loaded
+    enum: object | None = None  # the torchvision weights entry, when one applies
+    path: str | None = None  # the file, when one was given
+    meta: dict | None = None  # featx fine-tuning metadata embedded in the file
+    seed: int | None = None  # random weights: the seed of their initialisation
+
+
+def weights_enum(name: str):
+    """torchvision's weights enum of a model, or None."""
+    try:
+        return get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+
+
+def hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def cached_file(entry) -> Path:
+    return hub_checkpoint_dir() / os.path.basename(entry.url)
+
+
+def local_weights(name: str) -> list[str]:
+    """Names of the ImageNet weights of ``name`` already in the torch hub cache."""
+    return [e.name for e in weights_enum(name) or () if cached_file(e).exists()]
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors, in order."""
+    h = hashlib.sha256()
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def known_weight_files() -> dict[str, tuple[str, object]]:
+    """basename of every torchvision weights URL -> (model name, weights entry)."""
+    out = {}
+    for model in registry.available_backbones():
+        for entry in weights_enum(model) or ():
+            out.setdefault(os.path.basename(entry.url), (model, entry))
+    return out
+
+
+def check_file_hash(path: str | os.PathLike) -> str:
+    """Return the file's sha256; raise if its name carries a prefix the content does not match."""
+    digest = sha256_of(path)
+    m = HASH_REGEX.search(os.path.basename(str(path)))
+    if m and not digest.startswith(m.group(1)):
+        raise FeatxError(
+            f"weights file {path} is corrupt or altered: its name promises sha256 {m.group(1)}..."
+            f" but its content hashes to {digest[:12]}..."
+        )
+    return digest
+
+
+def read_tensors(path: str | os.PathLike, mmap: bool = False):
+    """``torch.load(weights_only=True)``: tensors and plain containers, never code from the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        # torch's own message advises weights_only=False, i.e. running the file's code:
+        # featx never does that, so it says what is wrong in its own words
+        why = ("it holds Python objects besides tensors, and featx never unpickles those"
+               if "GLOBAL" in str(e) else "it is not a PyTorch weights file (a state dict saved with torch.save)")
+        raise FeatxError(f"cannot read weights file {path}: {why}.") from None
+
+
+def resolve_weights(name: str, spec: str | None, seed: int = 0) -> Weights:
+    """Interpret ``--weights``: DEFAULT, a weights name of ``name``, ``none``, or a file path.
+
+    ``seed`` seeds the initialisation of random weights (``none``), so that the same
+    command makes the same network every time.
+    """
+    spec = spec or "DEFAULT"
+    if spec.lower() == "none":
+        return Weights("none", seed=int(seed))
+    if os.path.exists(spec):
+        return Weights(f"file:{os.path.basename(spec)}", path=spec)
+    enum = weights_enum(name)
+    if enum is not None:
+        try:  # torchvision's own parser: "IMAGENET1K_V1", "DEFAULT" or "Enum.MEMBER"
+            entry = enum.verify(spec)
+            return Weights(f"{enum.__name__}.{entry.name}", enum=entry)
+        except (KeyError, ValueError, TypeError):
+            pass
+    allowed = ["DEFAULT", "none", "a file path"] + list(enum.__members__ if enum else [])
+    raise FeatxError(f"--weights {spec!r} is neither a file nor a weights name of {name}; allowed: {', '.join(allowed)}.")
+
+
+def load_backbone(name: str, weights: Weights) -> tuple[nn.Module, Weights]:
+    """Build the model with its weights, in eval mode on the CPU.
+
+    Returns the model and the weights' record completed by loading: the sha256 of what was
+    read (or made), the torchvision entry a file turned out to be, fine-tuning metadata.
+    """
+    registry.check_backbone(name)
+    if weights.enum is not None:
+        entry = weights.enum
+        try:
+            state = torch.hub.load_state_dict_from_url(entry.url, progress=False, check_hash=True)
+        except (urllib.error.URLError, OSError) as e:
+            raise FeatxError(
+                f"weights {weights.id} are not in the torch hub cache ({hub_checkpoint_dir()}) and could "
+                f"not be downloaded ({e}); copy the file {os.path.basename(entry.url)} there with "
+                "`featx weights import FILE`, or use --weights PATH or --weights none."
+            ) from None
+        except RuntimeError as e:  # torch.hub's hash mismatch
+            raise FeatxError(f"weights {weights.id} failed their hash check: {e}") from None
+        model = registry.build(name, len(entry.meta["categories"]), state, entry)
+        return model.eval(), dataclasses.replace(weights, sha256=sha256_of(cached_file(entry)))
+    if weights.path is not None:
+        return _load_file(name, weights)
+    # seeded, so that a rerun (or a resumed run) makes the same network; the digest of the
+    # parameters lets a later run check that it made it again
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(weights.seed or 0)
+        model = registry.build(name)
+    return model.eval(), dataclasses.replace(weights, sha256=state_digest(model.state_dict()))
+
+
+def _load_file(name: str, weights: Weights) -> tuple[nn.Module, Weights]:
+    sha = check_file_hash(weights.path)
+    obj = read_tensors(weights.path)
+    meta = None
+    if isinstance(obj, dict) and "featx" in obj and "state_dict" in obj:
+        meta, obj = obj["featx"], obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise FeatxError(f"weights file {weights.path} holds a {type(obj).__name__}, not a state dict.")
+    loaded = dataclasses.replace(weights, sha256=sha, meta=meta)
+    known = known_weight_files().get(os.path.basename(weights.path))
+    if known is not None and known[0] == name:  # torchvision's own file, given by path
+        loaded = dataclasses.replace(loaded, enum=known[1], id=f"{type(known[1]).__name__}.{known[1].name}")
+    if meta and meta.get("head") == "mlp":  # a fine-tuned MLP head has extra layers
+        model = registry.build(name)
+        replace_head(model, meta["num_classes"], "mlp", meta.get("hidden", 512))
+        try:
+            model.load_state_dict(obj)
+        except RuntimeError as e:
+            raise FeatxError(f"weights file {weights.path} does not fit backbone {name}: "
+                             f"{str(e).splitlines()[0]}") from None
+        return model.eval(), loaded
+    num_classes = None
+    for key in reversed(list(obj)):
+        if key.endswith("weight") and obj[key].ndim == 2:  # the last Linear: the head
+            num_classes = obj[key].shape[0]
+            break
+    return registry.build(name, num_classes, obj, loaded.enum).eval(), loaded
+
+
+def preprocess_for(name: str, weights: Weights, image_size: int | None = None, grayscale: bool = False) -> Preprocess:
+    """Preprocessing from the weights' own ``transforms()``, with featx's overrides.
+
+    A fine-tuned network keeps the preprocessing it was trained with; random weights and
+    files of unknown origin use the model's default ImageNet weights' preprocessing.
+    """
+    if weights.meta and "preprocessing" in weights.meta:
+        pre = Preprocess.from_json(weights.meta["preprocessing"])
+    else:
+        enum = weights_enum(name)
+        entry = weights.enum or (enum.DEFAULT if enum else None)
+        if entry is None:
+            pre = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        else:
+            t = entry.transforms()
+            pre = Preprocess(
+                resize=int(t.resize_size[0]) if t.resize_size else int(t.crop_size[0]),
+                crop=int(t.crop_size[0]),
+                mean=tuple(float(v) for v in t.mean),
+                std=tuple(float(v) for v in t.std),
+                interpolation=t.interpolation.value,
+            )
+    if image_size is not None:
+        pre.resize = pre.crop = int(image_size)
+    if grayscale:
+        pre.grayscale = True
+    return pre
+
+
+def import_weights(path: str | os.PathLike) -> Path:
+    """Verify a torchvision weights file and copy it into the torch hub cache."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatxError(f"no such file: {path}")
+    known = known_weight_files().get(path.name)
+    if known is None:
+        raise FeatxError(
+            f"{path.name} is not the name of a torchvision weights file (expected e.g. "
+            "mobilenet_v2-b0353104.pth); use it directly with --weights PATH instead."
+        )
+    check_file_hash(path)
+    read_tensors(path)
+    dest = hub_checkpoint_dir() / path.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".partial")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------- fine-tuned networks
+
+
+def save_finetuned(directory: Path, state: dict, meta: dict) -> Path:
+    """Write ``backbone.pt`` (tensors + featx metadata, loadable with weights_only) and
+    ``backbone.json`` (the metadata, for people); each replaced atomically."""
+    meta = {"featx": FINETUNED, **meta}
+    path = directory / "backbone.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in state.items()}, "featx": meta}, tmp)
+    os.replace(tmp, path)
+    (directory / "backbone.json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def finetuned_meta(path: str | os.PathLike) -> dict:
+    """The featx metadata of a fine-tuned network file (its tensors stay on disk)."""
+    if not Path(path).is_file():
+        raise FeatxError(f"weights file {path} does not exist.")
+    obj = read_tensors(path, mmap=True)
+    meta = obj.get("featx") if isinstance(obj, dict) else None
+    if not meta or meta.get("featx") != FINETUNED:
+        raise FeatxError(f"{path} is not a featx fine-tuned network; give a model bundle (.skops) instead.")
+    if "logits_module" not in meta:  # files written before the logits module was recorded
+        meta["logits_module"] = meta["head_module"] + (".3" if meta["head"] == "mlp" else "")
+    return meta
