@@ -24,12 +24,13 @@ from featx.store import featx_version
 
 BUNDLE_VERSION = 1
 # Types beyond skops' own safe defaults (scikit-learn, numpy, builtins) that a featx bundle
-# may contain: exactly what the models `featx fit` builds need (our logistic regression, the
-# svm's Platt-scaling calibrators, the MLP's Adam state).  Anything else in a file is refused
+# may contain: exactly what the models `featx fit` builds need (our logistic regression and
+# out-of-core classifier, the svm's Platt-scaling calibrators, the MLP's Adam state).  Anything else in a file is refused
 # before loading.  tests/test_bundle.py fits every kind of model fit can build and holds this
 # set equal to the types they need, no more and no less.
 ALLOWED_TYPES = frozenset({
     "featx.linear.FastLogisticRegression",
+    "featx.online.StreamingClassifier",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",

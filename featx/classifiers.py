@@ -9,14 +9,15 @@ from __future__ import annotations
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.kernel_approximation import Nystroem
-from sklearn.linear_model import SGDClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.class_weight import compute_sample_weight
 
 from featx.errors import FeatxError
 from featx.linear import FastLogisticRegression
+from featx.online import StreamingClassifier
 
 CLASSIFIERS = ("logreg", "svm", "mlp")
 
@@ -66,9 +67,8 @@ def make_classifier(name: str, n_samples: int | None = None, class_weight: str |
                       random_state=seed)
             clf = CalibratedClassifierCV(svc, ensemble=False, method="sigmoid")
     elif name == "mlp":
-        if class_weight is not None:
-            raise FeatxError("--class-weight balanced is not supported by the mlp classifier; use logreg or svm.")
-        # one hidden layer as in the course's Dense(1000)+Dropout head; scikit-learn's MLP
+        # class_weight reaches scikit-learn's MLP (which has no such parameter) as sample
+        # weights when it is fitted: see fit_params.  One hidden layer as in the course's Dense(1000)+Dropout head; scikit-learn's MLP
         # has no dropout, so the L2 penalty alpha and early stopping regularise it instead
         clf = MLPClassifier(hidden_layer_sizes=(params.pop("hidden", 512),), alpha=params.pop("alpha", 1e-3),
                             early_stopping=True, validation_fraction=0.1, n_iter_no_change=5,
@@ -79,20 +79,46 @@ def make_classifier(name: str, n_samples: int | None = None, class_weight: str |
     return Pipeline(steps + [("clf", clf)])
 
 
-def make_online_classifier(name: str, class_weight: str | None = None, seed: int = 0, **params):
-    """The out-of-core counterpart: an estimator with ``partial_fit`` (SGD or MLP)."""
-    if name == "mlp":
-        clf = MLPClassifier(hidden_layer_sizes=(params.pop("hidden", 512),), alpha=params.pop("alpha", 1e-3),
-                            random_state=seed)
-    elif name in ("logreg", "svm"):
-        loss = "log_loss" if name == "logreg" else "hinge"
-        # SGD's alpha multiplies the mean loss's L2 term: alpha = 1 / (C * n) for the same model
-        clf = SGDClassifier(loss=loss, alpha=params.pop("alpha", 1e-4), random_state=seed, class_weight=class_weight,
-                            learning_rate="optimal", average=True)
-    else:
+# Hyper-parameters of the out-of-core models (the streamed counterparts of the in-memory
+# ones).  C (logreg, svm) and alpha (mlp) may be lists: a regularisation path trained at once.
+ONLINE_PARAMS = {"logreg": ("C",), "svm": ("C", "gamma", "n_components"), "mlp": ("alpha", "hidden")}
+
+
+def make_online_classifier(name: str, n_samples: int, class_weight: str | None = None, seed: int = 0,
+                           **params) -> tuple[list[tuple[str, object]], StreamingClassifier]:
+    """The out-of-core counterpart of :func:`make_classifier`: the transformer steps of the
+    Pipeline (each fitted by the caller on a pass or a sample of the stream) and a
+    :class:`featx.online.StreamingClassifier` (fitted on the stream).
+
+    logreg: softmax regression; svm: Nystroem RBF map (as above SVC_MAX_SAMPLES in memory)
+    + a squared-hinge linear SVM; mlp: one hidden ReLU layer (512 units by default).  ``C``
+    or ``alpha`` may be a list of values, trained together as a regularisation path.
+    """
+    if name not in ONLINE_PARAMS:
         raise FeatxError(f"unknown classifier {name!r}; allowed: {', '.join(CLASSIFIERS)}.")
+    steps: list[tuple[str, object]] = [("scale", StandardScaler())]
+    common = dict(class_weight=class_weight, random_state=seed)
+    if name == "mlp":
+        alpha = params.pop("alpha", 1e-3)
+        clf = StreamingClassifier(hidden=params.pop("hidden", 512), alpha=alpha, batch_size=512, lr=1e-3, **common)
+    else:
+        C = params.pop("C", 1.0)
+        alpha = [1.0 / c for c in C] if isinstance(C, (list, tuple)) else 1.0 / C
+        loss = "log_loss" if name == "logreg" else "squared_hinge"
+        clf = StreamingClassifier(loss=loss, alpha=alpha, batch_size=1024, lr=1e-2, **common)
+        if name == "svm":
+            k = min(params.pop("n_components", 1024), n_samples)
+            steps.append(("rbf", Nystroem(n_components=k, gamma=params.pop("gamma", None), random_state=seed)))
     _check_no_params_left(name, params)
-    return clf
+    return steps, clf
+
+
+def fit_params(name: str, class_weight: str | None, y) -> dict:
+    """Keyword arguments for the Pipeline's ``fit``: scikit-learn's MLP has no
+    ``class_weight``, so balanced classes reach it as per-row sample weights."""
+    if name == "mlp" and class_weight is not None:
+        return {"clf__sample_weight": compute_sample_weight(class_weight, y)}
+    return {}
 
 
 def _check_no_params_left(name: str, params: dict) -> None:

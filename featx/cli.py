@@ -224,14 +224,20 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
         prov = store.provenance(tap)
         result = fit_store(store, tap, clf, val_path, val_fraction, spec, cw, seed, budget, log=click.echo)
     meta = {**prov, "clf": clf, "params": result.params, "fit_seconds": result.fit_seconds,
-            "features_file": os.path.abspath(features), "out_of_core": result.out_of_core}
+            "features_file": os.path.abspath(features), "out_of_core": result.out_of_core,
+            "convergence": result.convergence}
     bundle_mod.save(out, result.pipeline, meta, use_pickle=use_pickle)
     for row in result.search:
         click.echo(f"  {json.dumps(row['params'])}: val accuracy {row['val_accuracy']:.4f} ({row['seconds']:.1f}s)")
     if result.params:
         click.echo(f"selected {json.dumps(result.params)}")
+    if result.convergence:
+        c = result.convergence
+        how = c.get("rule") or ("converged" if c["converged"] else "stopped at its epoch limit, not converged")
+        click.echo(f"final fit: {c['epochs']} epochs, {how} (objective {c['objective']:.4f})")
     report = {"clf": clf, "tap": tap, "params": result.params, "search": result.search,
-              "fit_seconds": result.fit_seconds, "metrics": result.val_metrics, "split": "validation"}
+              "fit_seconds": result.fit_seconds, "out_of_core": result.out_of_core,
+              "convergence": result.convergence, "metrics": result.val_metrics, "split": "validation"}
     if result.val_metrics:
         click.echo("validation:\n" + format_table(result.val_metrics))
         rd = report_dir or os.path.splitext(out)[0] + "-report"
@@ -249,7 +255,7 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
 def evaluate(model, features, report_dir, allow_pickle):
     """Score MODEL on a labelled feature file; print and save the metrics."""
     from featx import bundle as bundle_mod
-    from featx.metrics import evaluate as score, format_table, write_report
+    from featx.metrics import evaluate_store, format_table, write_report
     from featx.store import FeatureStore, check_provenance
 
     b = bundle_mod.load(model, allow_pickle=allow_pickle)
@@ -262,7 +268,7 @@ def evaluate(model, features, report_dir, allow_pickle):
         y = store.labels
         if (y < 0).any():
             raise FeatxError(f"{features} has unlabeled rows; evaluate needs labels (use predict instead).")
-        m = score(b.pipeline, store.features(tap), y, b.classes)
+        m = evaluate_store(b.pipeline, store, tap, b.classes)  # chunk by chunk: any size
     click.echo(f"{model} on {features} ({m['n']} rows):\n" + format_table(m))
     if report_dir:
         write_report(report_dir, {"model": model, "features": features, "metrics": m}, b.classes)

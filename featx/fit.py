@@ -24,11 +24,13 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from featx.classifiers import DEFAULT_GRIDS, make_classifier, make_online_classifier
+from featx.classifiers import DEFAULT_GRIDS, fit_params, make_classifier, make_online_classifier
 from featx.errors import FeatxError
 from featx.linear import FastLogisticRegression
-from featx.metrics import evaluate, evaluate_store
+from featx.metrics import evaluate, evaluate_batches
+from featx.online import batch_rows
 from featx.store import FeatureStore, check_provenance
+from featx.stream import Part, RowStream
 
 SEARCH_TOL = 3e-4  # L-BFGS gradient tolerance while walking the regularisation path
 
@@ -41,6 +43,7 @@ class FitResult:
     val_metrics: dict | None = None  # metrics of the selected model fitted on train only
     fit_seconds: float = 0.0
     out_of_core: bool = False
+    convergence: dict | None = None  # out of core: epochs of the final fit, converged or not
 
     @property
     def val_accuracy(self) -> float | None:
@@ -88,7 +91,8 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     _check_labels(y, "the training set")
     grid = DEFAULT_GRIDS[clf] if search == "auto" else ({} if search == "none" else search)
     if not grid and X_val is None:
-        pipe = make_classifier(clf, n_samples=len(X), class_weight=class_weight, seed=seed).fit(X, y)
+        pipe = make_classifier(clf, n_samples=len(X), class_weight=class_weight, seed=seed)
+        pipe.fit(X, y, **fit_params(clf, class_weight, y))
         return FitResult(pipe, {}, [], None, time.perf_counter() - t0)
     if X_val is None:
         X_tr, X_val, y_tr, y_val = train_test_split(X, y, test_size=val_fraction, stratify=y, random_state=seed)
@@ -107,11 +111,11 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     if refit:
         X_all, y_all = np.concatenate([X_tr, X_val]), np.concatenate([y_tr, y_val])
         pipe = make_classifier(clf, n_samples=len(X_all), class_weight=class_weight, seed=seed, **best["params"])
-        fit_params = {}
+        extra = fit_params(clf, class_weight, y_all)
         if clf == "logreg":  # start from the selected solution: a few iterations suffice
             lr = best_pipe.named_steps["clf"]
-            fit_params = {"clf__coef_init": lr.coef_, "clf__intercept_init": lr.intercept_}
-        pipe.fit(X_all, y_all, **fit_params)
+            extra.update(clf__coef_init=lr.coef_, clf__intercept_init=lr.intercept_)
+        pipe.fit(X_all, y_all, **extra)
     return FitResult(pipe, best["params"], rows, val_metrics, time.perf_counter() - t0)
 
 
@@ -121,7 +125,7 @@ def _grid_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed):
     for p in points:
         t = time.perf_counter()
         pipe = make_classifier(clf, n_samples=len(X_tr), class_weight=class_weight, seed=seed, **p)
-        pipe.fit(X_tr, y_tr)
+        pipe.fit(X_tr, y_tr, **fit_params(clf, class_weight, y_tr))
         acc = float(skm.accuracy_score(y_val, pipe.predict(X_val)))
         if not rows or acc > max(r["val_accuracy"] for r in rows):
             best_pipe = pipe
@@ -153,41 +157,114 @@ def _logreg_path(X_tr, y_tr, X_val, y_val, Cs, class_weight):
 # ----------------------------------------------------------------------------- out of core
 
 
-def fit_out_of_core(store, tap: str | None, clf: str = "logreg", val=None, class_weight=None, seed: int = 0,
-                    epochs: int = 5, chunk_rows: int | None = None, alpha: float | None = None) -> FitResult:
-    """Fit with ``partial_fit`` over HDF5 row chunks: memory holds one chunk, not the store.
+def buffer_rows_for(budget: int, width: int) -> int:
+    """Rows per stream buffer so that the three buffers in flight (the one trained on, the
+    one waiting, the one being read) fit ``budget``; ``width`` counts the floats of a row
+    as read plus as transformed."""
+    return int(max(256, min(1 << 17, budget // (3 * 4 * max(width, 1)))))
 
-    The scaler is learned in a first pass; then ``epochs`` passes of a linear SGD model
-    (logistic loss for logreg, hinge for svm) or an MLP visit the chunks in a shuffled order.
+
+def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "logreg", val: FeatureStore | None = None,
+                    val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
+                    seed: int = 0, memory_budget: int | None = None) -> FitResult:
+    """:func:`fit_arrays`' protocol on features larger than memory, streamed from the file.
+
+    The same hold-out (the same rows as in memory, or the ``val`` file), the same grid,
+    then a refit on train + validation with the selected value.  Each fit streams
+    representative mini-batches (:class:`featx.stream.RowStream`) into a
+    :class:`featx.online.StreamingClassifier`, which trains the whole regularisation path
+    on one read of the data and runs to convergence.  Memory holds about
+    ``memory_budget`` bytes of rows besides the model.
     """
     t0 = time.perf_counter()
-    n, d = len(store), store.dim(tap)
-    chunk_rows = chunk_rows or max(256, (64 << 20) // (4 * d))
+    tap = tap or store.default_tap
     y = store.labels
     _check_labels(y, "the training set")
-    classes = np.unique(y)
-    starts = list(range(0, n, chunk_rows))
-    scaler = StandardScaler()
-    for s in starts:
-        scaler.partial_fit(store.features(tap, slice(s, s + chunk_rows)))
-    params = {"alpha": alpha} if alpha is not None else {}
-    model = make_online_classifier(clf, class_weight=None, seed=seed, **params)
-    rng = np.random.default_rng(seed)
-    weights = None
-    if class_weight == "balanced":
-        counts = np.bincount(y, minlength=classes.max() + 1)
-        weights = len(y) / (len(classes) * np.maximum(counts, 1))
-    for _ in range(epochs):
-        for s in rng.permutation(starts):
-            Xc = scaler.transform(store.features(tap, slice(s, s + chunk_rows)))
-            yc = y[s:s + chunk_rows]
-            order = rng.permutation(len(yc))
-            sw = None if weights is None else weights[yc[order]]
-            model.partial_fit(Xc[order], yc[order], classes=classes, sample_weight=sw)
-    pipe = Pipeline([("scale", scaler), ("clf", model)])
-    val_metrics = evaluate_store(pipe, val, tap) if val is not None else None
-    return FitResult(pipe, {"epochs": epochs, "chunk_rows": chunk_rows, **params}, [], val_metrics,
-                     time.perf_counter() - t0, out_of_core=True)
+    budget = memory_budget if memory_budget is not None else default_budget()
+    grid = DEFAULT_GRIDS[clf] if search == "auto" else ({} if search == "none" else dict(search))
+    reg = "alpha" if clf == "mlp" else "C"
+    everything = [Part(store, tap)] + ([Part(val, tap)] if val is not None else [])
+    if not grid and val is None:
+        pipe, est = _fit_streamed(clf, everything, {}, None, class_weight, seed, budget)
+        return FitResult(pipe, {}, [], None, time.perf_counter() - t0, True, _convergence(est))
+    if val is None:
+        tr, va = train_test_split(np.arange(len(y)), test_size=val_fraction, stratify=y, random_state=seed)
+        train_parts, val_parts = [Part(store, tap, _mask(tr, len(y)))], [Part(store, tap, _mask(va, len(y)))]
+    else:
+        train_parts, val_parts = [Part(store, tap)], [Part(val, tap)]
+    rows, best = [], None
+    path = grid.get(reg)
+    for other in _grid_points({k: v for k, v in grid.items() if k != reg}):
+        t = time.perf_counter()
+        params = {**other, **({reg: list(path)} if path else {})}
+        pipe, est = _fit_streamed(clf, train_parts, params, val_parts, class_weight, seed, budget)
+        seconds = (time.perf_counter() - t) / max(len(est.path_scores_), 1)
+        for v, acc in zip(path or [None], est.path_scores_):
+            rows.append({"params": {**other, **({reg: v} if v is not None else {})}, "val_accuracy": float(acc),
+                         "seconds": seconds, "epochs": est.n_iter_})
+        if best is None or max(est.path_scores_) > best[2]:
+            best = (pipe, est, max(est.path_scores_))
+    chosen = max(rows, key=lambda r: r["val_accuracy"])  # the first of equals: the order of the grid
+    selected, est = best[0], best[1]
+    val_metrics = evaluate_batches(selected, RowStream(val_parts, buffer_rows_for(budget, store.dim(tap)),
+                                                       seed=seed).sequential())
+    refit_parts = [Part(store, tap)] + ([Part(val, tap)] if val is not None else [])
+    epochs = est.best_epoch_ if clf == "mlp" else None  # the MLP: as many epochs as validation chose
+    pipe, final = _fit_streamed(clf, refit_parts, chosen["params"], None, class_weight, seed, budget, epochs)
+    return FitResult(pipe, chosen["params"], rows, val_metrics, time.perf_counter() - t0, True,
+                     _convergence(final, epochs is not None))
+
+
+def _mask(idx: np.ndarray, n: int) -> np.ndarray:
+    m = np.zeros(n, bool)
+    m[idx] = True
+    return m
+
+
+def _fit_streamed(clf: str, parts: list[Part], params: dict, val_parts: list[Part] | None, class_weight,
+                  seed: int, budget: int, max_epochs: int | None = None):
+    """Fit the transformers (scaler: one pass; kernel map: a sample) and the streamed classifier."""
+    n = int(sum(p.mask().sum() for p in parts))
+    steps, est = make_online_classifier(clf, n, class_weight, seed, **params)
+    width = parts[0].store.dim(parts[0].tap)
+    out_width = getattr(steps[-1][1], "n_components", width)
+    rows = buffer_rows_for(budget, width + out_width)
+    stream = RowStream(parts, rows, batch_rows(n, est.batch_size), seed)
+    scaler = steps[0][1]
+    for X, _ in stream.sequential():
+        scaler.partial_fit(X)
+    for _, step in steps[1:]:  # a kernel map, fitted on a sample of the scaled rows
+        step.fit(scaler.transform(_sample(parts, step.n_components, seed)))
+    pre = Pipeline(steps)
+    val = None
+    if val_parts:
+        val_stream = RowStream(val_parts, rows, seed=seed, transform=pre.transform)
+        val = val_stream.sequential
+    if max_epochs is not None:
+        est.set_params(max_epochs=max_epochs)
+    est.fit_stream(stream.with_transform(pre.transform), stream.labels, out_width, val=val)
+    return Pipeline(steps + [("clf", est)]), est
+
+
+def _sample(parts: list[Part], k: int, seed: int) -> np.ndarray:
+    """``k`` rows drawn at random (without replacement) from the selected rows of the parts."""
+    sizes = [int(p.mask().sum()) for p in parts]
+    pick = np.sort(np.random.default_rng(seed).choice(sum(sizes), size=min(k, sum(sizes)), replace=False))
+    out, offset = [], 0
+    for part, size in zip(parts, sizes):
+        mine = pick[(pick >= offset) & (pick < offset + size)] - offset
+        if len(mine):
+            out.append(part.store.features(part.tap, rows=np.flatnonzero(part.mask())[mine]))
+        offset += size
+    return np.concatenate(out)
+
+
+def _convergence(est, epochs_from_validation: bool = False) -> dict:
+    """How the final streamed fit ended: epochs, and whether it converged or ran into its limit."""
+    out = {"epochs": int(est.n_iter_), "converged": bool(est.converged_), "objective": est.objective_}
+    if epochs_from_validation:  # the MLP's refit runs the epochs early stopping chose
+        out.update(converged=True, rule="epochs chosen by early stopping on the validation split")
+    return out
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -243,8 +320,8 @@ def fit_store(store: FeatureStore, tap: str | None = None, clf: str = "logreg", 
         if store.nbytes(tap) > budget:
             if log:
                 log(f"{store.nbytes(tap) >> 20} MB of features exceed the memory budget of {budget >> 20} MB: "
-                    "fitting out of core (SGD over row chunks).")
-            return fit_out_of_core(store, tap, clf, val=val, class_weight=class_weight, seed=seed)
+                    "fitting out of core (mini-batches streamed from the file).")
+            return fit_out_of_core(store, tap, clf, val, val_fraction, search, class_weight, seed, budget)
         Xv, yv = (val.features(tap), val.labels) if val is not None else (None, None)
         return fit_arrays(store.features(tap), store.labels, clf, Xv, yv, val_fraction, search, class_weight, seed)
     finally:

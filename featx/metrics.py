@@ -56,16 +56,25 @@ def evaluate(pipe, X: np.ndarray, y: np.ndarray, class_names: list[str] | None =
     return scores(y, pred, pipe.classes_, proba, class_names)
 
 
-def evaluate_store(pipe, store, tap: str | None, class_names: list[str] | None = None,
-                   chunk_rows: int = 16384) -> dict:
-    """:func:`scores` on a feature file read chunk by chunk (for stores larger than memory)."""
-    preds, probas = [], []
-    for s in range(0, len(store), chunk_rows):
-        pred, proba = predict_in_chunks(pipe, store.features(tap, slice(s, s + chunk_rows)))
+def evaluate_batches(pipe, batches, class_names: list[str] | None = None) -> dict:
+    """:func:`scores` over ``(X, y)`` batches (for features larger than memory)."""
+    preds, probas, ys = [], [], []
+    for X, y in batches:
+        pred, proba = predict_in_chunks(pipe, X)
         preds.append(pred)
         probas.append(proba)
+        ys.append(y)
     proba = None if probas[0] is None else np.concatenate(probas)
-    return scores(store.labels, np.concatenate(preds), pipe.classes_, proba, class_names)
+    return scores(np.concatenate(ys), np.concatenate(preds), pipe.classes_, proba, class_names)
+
+
+def evaluate_store(pipe, store, tap: str | None, class_names: list[str] | None = None,
+                   chunk_rows: int = 16384) -> dict:
+    """:func:`scores` on a feature file read chunk by chunk."""
+    labels = store.labels
+    batches = ((store.features(tap, slice(s, s + chunk_rows)), labels[s:s + chunk_rows])
+               for s in range(0, len(store), chunk_rows))
+    return evaluate_batches(pipe, batches, class_names)
 
 
 def format_table(m: dict) -> str:

@@ -175,5 +175,7 @@ def test_unknown_hyper_parameters_are_refused_on_every_path():
     for kw in ({"n_samples": 100}, {"n_samples": 50_000}):
         with pytest.raises(FeatxError, match="unknown hyper-parameters for svm: depth"):
             make_classifier("svm", depth=3, **kw)
-    with pytest.raises(FeatxError, match="unknown hyper-parameters for logreg: C"):
-        make_online_classifier("logreg", C=1.0)
+    with pytest.raises(FeatxError, match="unknown hyper-parameters for logreg: alpha"):
+        make_online_classifier("logreg", 1000, alpha=1.0)
+    with pytest.raises(FeatxError, match="unknown hyper-parameters for mlp: C"):
+        make_online_classifier("mlp", 1000, C=1.0)
