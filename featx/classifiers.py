@@ -100,7 +100,7 @@ def make_online_classifier(name: str, n_samples: int, class_weight: str | None =
     common = dict(class_weight=class_weight, random_state=seed)
     if name == "mlp":
         alpha = params.pop("alpha", 1e-3)
-        clf = StreamingClassifier(hidden=params.pop("hidden", 512), alpha=alpha, batch_size=512, lr=1e-3, **common)
+        clf = StreamingClassifier(hidden=params.pop("hidden", 512), alpha=alpha, batch_size=1024, lr=2e-3, **common)
     else:
         C = params.pop("C", 1.0)
         alpha = [1.0 / c for c in C] if isinstance(C, (list, tuple)) else 1.0 / C
