@@ -45,7 +45,12 @@ class FeatxGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FeatxError as e:
-            raise click.ClickException(str(e)) from None
+            rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+            if rank is None:
+                raise click.ClickException(str(e)) from None
+            if rank and getattr(e, "every_rank", False):
+                sys.exit(1)  # under torchrun: rank 0 prints what every rank knows
+            raise click.ClickException(str(e) if getattr(e, "every_rank", False) else f"rank {rank}: {e}") from None
 
 
 @click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,11 +84,18 @@ def main():
               help="skip: record undecodable images in the file and go on.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="images larger than this are refused as decompression bombs.")
 @seed_option
+@click.option("--unit-size", type=click.IntRange(min=1), default=None,
+              help="images per work unit (default: 1/64 of the images, at most 4096; rounded up to a multiple of "
+              "the batch size): what a process takes at a time and what a rerun after a kill recomputes at most.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="the .h5 file to write.")
 @click.option("--overwrite", is_flag=True, help="replace an output made with other settings.")
 def extract(data, split, root, backbone, weights, layers, pools, image_size, grayscale, batch_size, workers,
-            device, precision, channels_last, dtype, on_error, max_pixels, seed, out, overwrite):
-    """Extract features of the images in DATA (folder, CSV/TSV list, or torchvision:NAME)."""
+            device, precision, channels_last, dtype, on_error, max_pixels, seed, unit_size, out, overwrite):
+    """Extract features of the images in DATA (folder, CSV/TSV list, or torchvision:NAME).
+
+    Under torchrun every rank takes its share of the work units and rank 0 assembles the
+    file: torchrun --nproc_per_node=N -m featx extract ...
+    """
     from featx.decode import DEFAULT_MAX_PIXELS
     from featx.extract import ExtractConfig
     from featx.extract import extract as run
@@ -98,9 +110,17 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
         precision=precision, channels_last=channels_last, dtype=dtype, on_error=on_error,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, seed=seed,
     )
-    r = run(source, out, config, overwrite=overwrite)
+    from featx.distributed import from_env
+
+    r = run(source, out, config, overwrite=overwrite, unit_items=unit_size)
+    if not from_env().is_main:
+        return  # under torchrun, rank 0 reports for the job
     if r.already_complete:
         click.echo(f"{out} is already complete ({r.n_rows} rows); nothing to do.")
+        return
+    if r.n_rows < 0:
+        click.echo(f"{out}: this process extracted {r.units_done} work units; the file is assembled when every "
+                   f"unit is done (`featx info {out}` shows which are missing).")
         return
     resumed = f", resumed after {r.resumed_from} items" if r.resumed_from else ""
     rate = (r.n_items - r.resumed_from) / r.seconds if r.seconds else 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from featx import registry
 from featx.decode import DEFAULT_MAX_PIXELS, Decoded, collate
 from featx.device import autocast_dtype, resolve_device
+from featx.distributed import World, agree, barrier, broadcast, cpu_share, device_spec, session
 from featx.errors import FeatxError
 from featx.preprocess import Normalizer, Preprocess
 from featx.sources import Source, source_fingerprint
@@ -61,8 +62,9 @@ class FeatureExtractor:
         config: the extraction settings.
     """
 
-    def __init__(self, config: ExtractConfig):
+    def __init__(self, config: ExtractConfig, world: World = World()):
         self.config = c = config
+        self.world = world
         registry.check_backbone(c.backbone)
         for p in c.pools:
             check_pool(p)
@@ -112,13 +114,15 @@ class FeatureExtractor:
         """Stored tap name -> layer, pooling and width (what the writer needs up front)."""
         return {name: {"layer": layer, "pool": p, "dim": self.dims()[name]} for name, (layer, p) in self.taps.items()}
 
-    def header(self, source: Source) -> dict:
-        """Root attributes of the feature file; the fingerprint decides resume compatibility."""
+    def header(self, source: Source, unit_items: int) -> dict:
+        """Root attributes of the feature file; the fingerprint decides resume compatibility
+        (and, through the batches and units, that a resumed file equals an uninterrupted one)."""
         c, w = self.config, self.weights
         fingerprint = {
             "backbone": c.backbone, "weights": w.id, "weights_sha256": w.sha256, "weights_seed": w.seed,
             "taps": self.taps, "preprocessing": json.loads(self.pre.to_json()), "dtype": c.dtype,
-            "precision": str(self.amp), "batch_size": c.batch_size, "source": source_fingerprint(source),
+            "precision": str(self.amp), "batch_size": c.batch_size, "unit_items": unit_items,
+            "source": source_fingerprint(source),
         }
         provenance = {
             "backbone": c.backbone, "weights": w.id, "weights_sha256": w.sha256,
@@ -133,31 +137,39 @@ class FeatureExtractor:
         return make_header(provenance, fingerprint)
 
 
-def _workers(config: ExtractConfig, n: int) -> int:
+def _workers(config: ExtractConfig, n: int, world: World = World()) -> int:
     if config.workers is not None:
         return config.workers
     if n <= 2 * config.batch_size:
         return 0  # starting processes costs more than it saves
-    return min(os.cpu_count() or 1, 8)
+    return min(cpu_share(world), 8)  # the processes on a node share its cores
 
 
-def iterate(source: Source, extractor: FeatureExtractor, items: range, progress: bool | None = None):
-    """Yield ``(batch items, good indices, features | None, failures)`` per batch, in source order.
+def iterate(source: Source, extractor: FeatureExtractor, items: range | list[range], progress=None):
+    """Yield ``(batch items, good indices, features | None, failures)`` per batch, in order.
 
     Decoding runs in DataLoader workers (uint8 tensors cross the process boundary), the
     forward pass in this process, so decode and compute overlap.  Batches are cut at
-    multiples of the batch size from ``items.start``.
+    multiples of the batch size from the start of each range (each work unit), so a
+    resumed or redistributed run forms exactly the same batches.
+
+    Args:
+        items: a range of items, or several (work units), visited in the order given.
+        progress: None (a bar on a terminal), False, or a callable taking the batch size.
     """
     c = extractor.config
-    data = Decoded(source, extractor.pre, c.max_pixels)
-    batches = [list(range(s, min(s + c.batch_size, items.stop))) for s in range(items.start, items.stop, c.batch_size)]
-    n_workers = _workers(c, len(items))
+    ranges = [items] if isinstance(items, range) else list(items)
+    batches = [list(range(s, min(s + c.batch_size, r.stop))) for r in ranges for s in range(r.start, r.stop, c.batch_size)]
+    n_workers = _workers(c, sum(len(r) for r in ranges), extractor.world)
     loader = torch.utils.data.DataLoader(
-        data, batch_sampler=batches, num_workers=n_workers, collate_fn=collate,
-        pin_memory=extractor.device.type == "cuda", prefetch_factor=4 if n_workers else None,
+        Decoded(source, extractor.pre, c.max_pixels), batch_sampler=batches, num_workers=n_workers,
+        collate_fn=collate, pin_memory=extractor.device.type == "cuda", prefetch_factor=4 if n_workers else None,
     )
-    bar = tqdm(total=len(items), unit="img", disable=(None if progress is None else not progress),
-               desc=f"extract {c.backbone}", leave=False)
+    bar = None
+    if not callable(progress):
+        bar = tqdm(total=sum(len(r) for r in ranges), unit="img", disable=(None if progress is None else not progress),
+                   desc=f"extract {c.backbone}", leave=False)
+        progress = bar.update
     try:
         for batch_items, (x, good, bad) in zip(batches, loader):
             if bad and c.on_error == "fail":
@@ -165,64 +177,141 @@ def iterate(source: Source, extractor: FeatureExtractor, items: range, progress:
                 raise FeatxError(f"cannot decode {source.ids[i]}: {err} (--on-error skip records it and goes on).")
             feats = extractor(x) if x is not None else None
             yield batch_items, good, feats, bad
-            bar.update(len(batch_items))
+            progress(len(batch_items))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 @dataclass
 class ExtractResult:
     out: str
     n_items: int
-    n_rows: int
+    n_rows: int  # -1 while other processes still have units to do
     failed: list[tuple[str, str]] = field(default_factory=list)
-    resumed_from: int = 0
+    resumed_from: int = 0  # items already published when this run started
     seconds: float = 0.0
     already_complete: bool = False
+    units_done: int = 0  # work units this process extracted
+
+
+MAX_UNIT_ITEMS = 4096  # a killed process loses at most this much work
+MIN_UNITS = 64  # so that a small job still spreads over many processes
+
+
+def unit_size(n_items: int, batch_size: int, requested: int | None = None) -> int:
+    """Items per work unit: ``requested``, or n/64 up to 4,096; a multiple of the batch size.
+
+    It depends on the job alone (never on the number of processes), so any world size
+    cuts the same units.
+    """
+    unit = requested or min(MAX_UNIT_ITEMS, -(-n_items // MIN_UNITS))
+    return max(batch_size, -(-unit // batch_size) * batch_size)
+
+
+class _JobProgress:
+    """One progress bar for the whole job: this process's batches, and on rank 0 of a
+    torchrun job also the other ranks' published shards (read from the parts folder)."""
+
+    def __init__(self, writer: StoreWriter, world: World, done: int, enabled: bool | None, label: str):
+        self.writer, self.world, self.mine = writer, world, 0
+        self.others = world.collective and world.is_main
+        self.bar = tqdm(total=writer.n_items, initial=done, unit="img", leave=False, desc=label,
+                        disable=(None if enabled is None else not enabled) if world.is_main else True)
+        self.start, self.polled = done, 0.0
+
+    def __call__(self, k: int) -> None:
+        self.mine += k
+        if self.others and time.monotonic() - self.polled > 2:  # every shard of every rank
+            self.polled = time.monotonic()
+            published = sum(e - f for f, e in self.writer.done_ranges())
+            self.bar.n = max(self.bar.n, published)
+            self.bar.refresh()
+        else:
+            self.bar.update(k)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overwrite: bool = False,
-            items: range | None = None, finalize: bool = True, shard_items: int | None = None) -> ExtractResult:
+            finalize: bool = True, unit_items: int | None = None, world: World | None = None) -> ExtractResult:
     """Extract features of every item of ``source`` into the feature file ``out``.
 
-    Resumable: rerun after a kill, it skips the item ranges already stored as shards.
+    The items are cut into work units of ``unit_items`` (rounded up to a multiple of the
+    batch size).  Each process takes the units whose index modulo the number of processes
+    is its rank, skips units already published (a resumed run), and publishes each unit it
+    does as a shard.  Under torchrun (or with ``world``), every rank runs this same call;
+    with torchrun, rank 0 assembles the file after a barrier; with a hand-made ``world``
+    (no process group), the process that finds every unit published assembles it.
 
     Args:
         source: the images.
         out: path of the .h5 file.
         config: backbone, taps, pooling, preprocessing, engine settings.
         overwrite: replace an output (or an unfinished run) made with other settings.
-        items: a contiguous range of items for this process (multi-process extraction);
-            default all.
-        finalize: assemble the HDF5 file when every item is done.
-        shard_items: items per shard (a multiple of the batch size); default ~ 4096 items.
+        finalize: assemble the HDF5 file when every unit is done.
+        unit_items: items per work unit (default: :func:`unit_size`); part of the fingerprint.
+        world: this process's rank among several (default: torchrun's environment, or one).
     """
     t0 = time.perf_counter()
     if len(source) == 0:
         raise FeatxError("the source has no images.")
-    extractor = FeatureExtractor(config)
-    b = config.batch_size
-    writer = StoreWriter(out, extractor.header(source), len(source), extractor.tap_specs(), overwrite=overwrite,
-                         shard_items=max(b, (shard_items or max(4096, b)) // b * b))
-    if writer.already_complete:
-        n_rows, _ = _summary_of(out)
-        return ExtractResult(str(out), len(source), n_rows, [], len(source), 0.0, True)
-    items = items or range(len(source))
-    todo = writer.missing(items)
-    resumed = len(items) - sum(len(g) for g in todo)
-    failed: list[tuple[str, str]] = []
-    for gap in todo:  # one DataLoader per gap: its workers start once
-        for batch_items, good, feats, bad in iterate(source, extractor, gap, config.progress):
-            writer.add(batch_items[0], batch_items[-1] + 1, feats, source.labels[good], [source.ids[i] for i in good],
-                       [source.ids[i] for i, _ in bad], [e for _, e in bad])
-            failed += [(source.ids[i], e) for i, e in bad]
-        writer.flush()
-    if finalize and not writer.missing():
-        writer.finalize(source.classes, extractor.default_tap, config.dtype)
-        n_rows, failed = _summary_of(out)
-    else:
+    with session(world) as world:
+        writer, extractor = _start(source, out, config, overwrite, unit_items, world)
+        if writer.already_complete:
+            n_rows, _ = _summary_of(out)
+            return ExtractResult(str(out), len(source), n_rows, [], len(source), 0.0, True)
+        mine = writer.pending(world.rank, world.size)
+        done = sum(e - f for f, e in writer.done_ranges())
+        failed: list[tuple[str, str]] = []
+        bar = _JobProgress(writer, world, done, config.progress, f"extract {config.backbone}")
+        try:
+            for batch_items, good, feats, bad in iterate(source, extractor, mine, bar):
+                writer.add(batch_items[0], batch_items[-1] + 1, feats, source.labels[good],
+                           [source.ids[i] for i in good], [source.ids[i] for i, _ in bad], [e for _, e in bad])
+                failed += [(source.ids[i], e) for i, e in bad]
+        finally:
+            bar.close()
         n_rows = -1
-    return ExtractResult(str(out), len(source), n_rows, failed, resumed, time.perf_counter() - t0)
+        if finalize:
+            barrier(world)  # torchrun: every rank has published its units
+            if (world.is_main or not world.collective) and not writer.missing():
+                writer.finalize(source.classes, extractor.default_tap)
+            barrier(world)  # the other ranks return once the file is there
+            if writer.output_complete():
+                n_rows, failed = _summary_of(out)
+        return ExtractResult(str(out), len(source), n_rows, failed, done, time.perf_counter() - t0,
+                             units_done=len(mine))
+
+
+def _start(source: Source, out, config: ExtractConfig, overwrite: bool, unit_items: int | None, world: World):
+    """Set up this process; under torchrun every rank learns whether all of them can run."""
+    error, extractor, writer = None, None, None
+    try:
+        config = replace(config, device=device_spec(world, config.device))
+        extractor = FeatureExtractor(config, world)
+        b = config.batch_size
+        unit = unit_size(len(source), b, unit_items)
+        writer = StoreWriter(out, extractor.header(source, unit), len(source), extractor.tap_specs(), unit,
+                             config.dtype)
+        if world.is_main or not world.collective:  # processes that never talk each make it ready
+            writer.prepare(overwrite)
+    except FeatxError as e:
+        error = str(e)
+    agree(world, error)
+    if not world.collective:
+        return writer, extractor
+    complete = broadcast(world, writer.already_complete)  # rank 0 decides (--overwrite redoes it)
+    if not world.is_main:
+        writer.already_complete = complete
+        try:
+            if not complete:
+                writer.join()
+        except FeatxError as e:
+            error = str(e)
+    agree(world, error)  # every rank: each one sees the parts folder rank 0 made
+    return writer, extractor
 
 
 def _summary_of(out) -> tuple[int, list[tuple[str, str]]]:

@@ -3,21 +3,29 @@
 This is the only module that imports h5py.
 
 Writing is crash-safe by construction.  HDF5 itself is not: a process killed while HDF5
-updates its metadata can leave a file that no longer opens.  So rows are first written as
-*shards* (``<out>.parts/shard-<first>-<end>.npz``), each made visible by an atomic rename,
-and the HDF5 file is assembled from the shards only when every item is done, written to a
-temporary name and renamed into place.  Consequences:
+updates its metadata can leave a file that no longer opens, and several processes writing
+one HDF5 file corrupt it.  So the work is cut into fixed *units* (item ranges of the
+source, a multiple of the batch size, whose boundaries depend on nothing but the unit
+size), each unit's rows are published as a *shard* (``<out>.parts/shard-<first>-<end>.npz``)
+by an atomic rename, and one process assembles the HDF5 file from the shards when every
+unit is published, under a temporary name renamed into place.  Consequences:
 
-* a killed run loses at most the shard in progress; rerunning the same command resumes at
-  the first item without a shard, with the same batches, so the result is identical;
+* a published shard is the only "done" marker: a killed run loses at most the units in
+  progress, and rerunning the same command (with any number of processes) computes only
+  the missing units, with the same batches, so the result is identical;
+* any number of processes (torchrun ranks, nodes sharing a filesystem) can take units
+  without talking to each other; assembly checks that every item is covered exactly once,
+  refuses a missing, unreadable or foreign shard by name, holds one shard in memory at a
+  time, and is safe when two processes try it at once (a lock; the second finds it done);
 * a file at the output path is always complete; an unfinished run is visible as its parts
-  folder, which ``featx info`` reports;
-* shards are keyed by item ranges, so several processes (torchrun ranks) can each write a
-  contiguous range into the same parts folder and one of them assembles the file.
+  folder, which ``featx info`` reports unit by unit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -72,11 +80,11 @@ def make_header(provenance: dict, fingerprint: dict) -> dict:
 
 
 class StoreWriter:
-    """Streams extracted rows to shards and assembles the final HDF5 file.
+    """Publishes extracted rows unit by unit as shards, and assembles the final HDF5 file.
 
-    The runner calls :meth:`add` for each batch, in item order; the writer cuts them into shards of
-    about ``shard_items`` items (boundaries at batch ends, so a resumed run forms the same
-    shards), publishes each by an atomic rename, and :meth:`finalize` assembles the file.
+    The runner calls :meth:`add` for each batch of a unit, in item order; when a unit's last
+    batch arrives the writer publishes the unit's shard.  Which units a process takes is
+    :meth:`pending`; :meth:`finalize` assembles the file.
 
     Args:
         out: the .h5 file to produce.
@@ -85,48 +93,64 @@ class StoreWriter:
         n_items: how many source items the job covers.
         taps: stored tap name -> ``{"layer", "pool", "dim"}``, known before the first row,
             so a shard of failures only still has the right widths.
-        overwrite: discard an existing output or parts folder of a different job.
-        shard_items: items per shard, at least (a shard ends at the first batch end past it).
+        unit_items: items per work unit (the runner makes it a multiple of its batch size).
+        dtype: stored feature dtype (shards hold it already).
     """
 
     def __init__(self, out: str | os.PathLike, header: dict, n_items: int, taps: dict[str, dict],
-                 overwrite: bool = False, shard_items: int = 4096):
+                 unit_items: int = 4096, dtype: str = "float32"):
         self.out, self.header, self.n_items = Path(out), dict(header), n_items
-        self.taps, self.shard_items = {k: dict(v) for k, v in taps.items()}, shard_items
+        self.taps, self.unit_items, self.dtype = {k: dict(v) for k, v in taps.items()}, int(unit_items), dtype
         self.parts = parts_dir(out)
+        self.job = hashlib.sha256(header["fingerprint"].encode()).hexdigest()[:16]
         self._buffer: list[tuple] = []
-        fp = header["fingerprint"]
-        if self.out.exists():
-            same = False
-            try:
-                with h5py.File(self.out, "r") as f:
-                    same = f.attrs.get("fingerprint") == fp and bool(f.attrs.get("complete"))
-            except OSError:
-                pass
-            if same and not overwrite:
-                self.already_complete = True
-                return
-            if not overwrite:
-                raise FeatxError(
-                    f"{self.out} already exists and was made with other settings; "
-                    "use --overwrite to replace it, or choose another --out."
-                )
-        self.already_complete = False
-        if self.parts.exists():
-            meta = self.parts / "header.json"
-            old = json.loads(meta.read_text())["fingerprint"] if meta.exists() else None
-            if old != fp:
-                if not overwrite:
-                    raise FeatxError(
-                        f"an unfinished run with other settings left {self.parts}; rerun it with "
-                        "the same command to finish it, or use --overwrite to start over."
-                    )
-                shutil.rmtree(self.parts)
-        self.parts.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.parts / "header.json",
-                           json.dumps({**self.header, "n_items": n_items, "tap_specs": self.taps}))
+        self.already_complete = self.output_complete()
 
-    # -- shards ---------------------------------------------------------------------------
+    def output_complete(self) -> bool:
+        """Whether ``out`` is a complete file of this job."""
+        try:
+            with h5py.File(self.out, "r") as f:
+                return f.attrs.get("fingerprint") == self.header["fingerprint"] and bool(f.attrs.get("complete"))
+        except OSError:
+            return False
+
+    def prepare(self, overwrite: bool = False) -> "StoreWriter":
+        """Make the parts folder ready (one process: the only one, or rank 0), refusing an
+        output or unfinished run of other settings unless ``overwrite``."""
+        if self.already_complete and not overwrite:
+            return self
+        self.already_complete = False
+        if self.out.exists() and not overwrite:
+            raise FeatxError(f"{self.out} already exists and was made with other settings; "
+                             "use --overwrite to replace it, or choose another --out.")
+        if self.parts.exists() and self._parts_job() != self.job:
+            if not overwrite:
+                raise FeatxError(f"an unfinished run with other settings left {self.parts}; rerun it with "
+                                 "the same command to finish it, or use --overwrite to start over.")
+            shutil.rmtree(self.parts)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.parts / "header.json", json.dumps(
+            {**self.header, "n_items": self.n_items, "unit_items": self.unit_items, "job": self.job,
+             "tap_specs": self.taps, "dtype": self.dtype}))
+        return self
+
+    def join(self) -> "StoreWriter":
+        """Take part in a job another process prepared (its parts folder must be visible here)."""
+        if self._parts_job() != self.job:
+            raise FeatxError(f"{self.parts} prepared by rank 0 is not visible from {os.uname().nodename}: "
+                             "--out must be on a filesystem that every node shares.")
+        return self
+
+    def _parts_job(self) -> str | None:
+        try:
+            return json.loads((self.parts / "header.json").read_text()).get("job")
+        except (OSError, ValueError):
+            return None
+
+    # -- units and shards -----------------------------------------------------------------
+
+    def units(self) -> list[range]:
+        return [range(s, min(s + self.unit_items, self.n_items)) for s in range(0, self.n_items, self.unit_items)]
 
     def shards(self) -> list[Shard]:
         return read_shards(self.parts)
@@ -134,39 +158,48 @@ class StoreWriter:
     def done_ranges(self) -> list[tuple[int, int]]:
         return [(s.first, s.end) for s in self.shards()]
 
-    def missing(self, items: range | None = None) -> list[range]:
-        """Item ranges (of ``items``, default all) that no published shard covers yet."""
-        return gaps(self.done_ranges(), items if items is not None else range(self.n_items))
+    def pending(self, rank: int = 0, size: int = 1) -> list[range]:
+        """Units this process takes (unit index % size == rank) that no shard covers yet."""
+        done = set(self.done_ranges())
+        return [u for i, u in enumerate(self.units()) if i % size == rank and (u.start, u.stop) not in done]
+
+    def missing(self) -> list[range]:
+        """Item ranges that no published shard covers yet."""
+        return gaps(self.done_ranges(), range(self.n_items))
 
     def add(self, first: int, end: int, taps: dict[str, np.ndarray] | None, labels, ids: list[str],
             failed_ids: list[str], failed_reasons: list[str]) -> None:
         """Rows of the source items [first, end), which follow the previous ``add`` directly.
 
-        ``taps`` is None when no item of the range could be decoded.
+        ``taps`` is None when no item of the range could be decoded.  The unit's shard is
+        published when ``end`` reaches the end of the unit.
         """
         if self._buffer and first != self._buffer[-1][1]:
-            raise ValueError(f"items {first}-{end} do not follow item {self._buffer[-1][1]}; flush() first.")
+            raise ValueError(f"items {first}-{end} do not follow item {self._buffer[-1][1]}")
+        if not self._buffer and first % self.unit_items:
+            raise ValueError(f"item {first} does not start a unit of {self.unit_items} items")
         self._buffer.append((first, end, taps, labels, ids, failed_ids, failed_reasons))
-        if end - self._buffer[0][0] >= self.shard_items:
-            self.flush()
+        unit_end = min((self._buffer[0][0] // self.unit_items + 1) * self.unit_items, self.n_items)
+        if end > unit_end:
+            raise ValueError(f"items {first}-{end} run past the end of their unit ({unit_end})")
+        if end == unit_end:
+            self._publish()
 
-    def flush(self) -> None:
-        """Publish the rows added so far as one shard (at the end of a contiguous range)."""
-        if not self._buffer:
-            return
+    def _publish(self) -> None:
         parts, self._buffer = self._buffer, []
         arrays = {}
         for name, spec in self.taps.items():
             blocks = [p[2][name] for p in parts if p[2] is not None]
-            arrays[f"tap:{name}"] = np.concatenate(blocks) if blocks else np.zeros((0, spec["dim"]), np.float32)
+            arrays[f"tap:{name}"] = (np.concatenate(blocks) if blocks else np.zeros((0, spec["dim"]))).astype(self.dtype)
         arrays.update(
             labels=np.concatenate([np.asarray(p[3], dtype=np.int64) for p in parts]),
             ids=np.asarray([i for p in parts for i in p[4]], dtype=np.str_),
             failed_ids=np.asarray([i for p in parts for i in p[5]], dtype=np.str_),
             failed_reasons=np.asarray([r for p in parts for r in p[6]], dtype=np.str_),
+            job=np.asarray(self.job),
         )
         final = self.parts / f"shard-{parts[0][0]:012d}-{parts[-1][1]:012d}.npz"
-        tmp = final.with_suffix(".tmp")
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # one temporary name per process
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -175,23 +208,59 @@ class StoreWriter:
 
     # -- assembly -------------------------------------------------------------------------
 
-    def finalize(self, classes: list[str], default_tap: str, dtype: str = "float32",
-                 extra_attrs: dict | None = None) -> Path:
-        """Assemble the shards into the HDF5 file, one shard in memory at a time, then remove them."""
-        self.flush()
+    def finalize(self, classes: list[str], default_tap: str, extra_attrs: dict | None = None) -> Path:
+        """Check the shards and assemble the HDF5 file, one shard in memory at a time.
+
+        Safe when several processes call it: the first assembles under a lock, the others
+        find the file done.
+        """
+        if not self.parts.exists() and self.output_complete():
+            return self.out
+        with _locked(self.parts / "assemble.lock"):
+            if not self.parts.exists() or self.output_complete():  # another process did it
+                return self.out
+            shards, n_rows, n_failed = self._check_shards()
+            tmp = self.out.with_name(f"{self.out.name}.{os.getpid()}.tmp")
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._assemble(tmp, shards, n_rows, n_failed, classes, default_tap, extra_attrs)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.out)
+            finally:
+                tmp.unlink(missing_ok=True)
+            shutil.rmtree(self.parts)
+        return self.out
+
+    def _check_shards(self) -> tuple[list[Shard], int, int]:
+        """Every unit published exactly once by this job, every item a row or a failure."""
         missing = self.missing()
         if missing:
             raise FeatxError(f"cannot assemble {self.out}: items {', '.join(f'{r.start}-{r.stop - 1}' for r in missing[:3])}"
-                             " are not extracted yet.")
-        shards = self.shards()
-        n_rows, n_failed = 0, 0
+                             " are not extracted yet; rerun the same command to extract them.")
+        units = {(u.start, u.stop) for u in self.units()}
+        shards, n_rows, n_failed = self.shards(), 0, 0
         for s in shards:
-            with np.load(s.path) as z:
-                n_rows += len(z["ids"])
-                n_failed += len(z["failed_ids"])
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
+            if (s.first, s.end) not in units:
+                raise FeatxError(f"{s.path} covers items {s.first}-{s.end - 1}, which is not a work unit of this "
+                                 f"job ({self.unit_items} items each): it comes from another run; remove it.")
+            try:
+                with np.load(s.path) as z:
+                    job, rows, failed = str(z["job"]), len(z["ids"]), len(z["failed_ids"])
+            except Exception as e:  # truncated or damaged on disk
+                raise FeatxError(f"shard {s.path} is unreadable ({type(e).__name__}: {e}); delete it and rerun "
+                                 "the same command to extract its items again.") from None
+            if job != self.job:
+                raise FeatxError(f"shard {s.path} belongs to another job ({job}, not {self.job}); remove it.")
+            if rows + failed != s.end - s.first:
+                raise FeatxError(f"shard {s.path} holds {rows} rows and {failed} failures for {s.end - s.first} "
+                                 "items; delete it and rerun the same command.")
+            n_rows, n_failed = n_rows + rows, n_failed + failed
+        return shards, n_rows, n_failed
+
+    def _assemble(self, path: Path, shards: list[Shard], n_rows: int, n_failed: int, classes: list[str],
+                  default_tap: str, extra_attrs: dict | None) -> None:
+        with h5py.File(path, "w") as f:
             f.attrs.update({k: (str(v) if isinstance(v, str) else v) for k, v in self.header.items()})
             f.attrs.update(extra_attrs or {})
             f.attrs["format"] = FORMAT_NAME
@@ -201,13 +270,13 @@ class StoreWriter:
             f.attrs["n_items"] = self.n_items
             f.attrs["n_rows"] = n_rows
             f.attrs["n_failed"] = n_failed
-            f.attrs["feature_dtype"] = dtype
+            f.attrs["feature_dtype"] = self.dtype
             f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR)
             grp = f.create_group("taps", track_order=True)  # taps listed in extraction order
             for name, spec in self.taps.items():
                 d = int(spec["dim"])
                 chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(4 * d, 1)))
-                ds = grp.create_dataset(name, shape=(n_rows, d), dtype=dtype,
+                ds = grp.create_dataset(name, shape=(n_rows, d), dtype=self.dtype,
                                         chunks=(chunk_rows, max(d, 1)) if n_rows and d else None)
                 ds.attrs.update({k: v for k, v in spec.items() if k != "dim"})
             f["features"] = grp[default_tap]  # a hard link: the default tap, no copy
@@ -216,12 +285,15 @@ class StoreWriter:
             fid = f.create_dataset("failed/ids", shape=(n_failed,), dtype=_STR)
             freason = f.create_dataset("failed/reasons", shape=(n_failed,), dtype=_STR)
             r = q = 0
-            for s in shards:  # one shard in memory at a time
+            for s in shards:  # one shard in memory at a time, in item order
                 with np.load(s.path) as z:
                     k = len(z["ids"])
-                    for name in self.taps:
+                    for name, spec in self.taps.items():
+                        x = z[f"tap:{name}"]
+                        if x.shape != (k, int(spec["dim"])):
+                            raise FeatxError(f"shard {s.path} has {name} of shape {x.shape}, not ({k}, {spec['dim']}).")
                         if k:
-                            grp[name][r:r + k] = z[f"tap:{name}"].astype(dtype, copy=False)
+                            grp[name][r:r + k] = x
                     labels[r:r + k] = z["labels"]
                     ids[r:r + k] = z["ids"].astype(object)
                     m = len(z["failed_ids"])
@@ -230,11 +302,21 @@ class StoreWriter:
                     r, q = r + k, q + m
             f.attrs["complete"] = True
             f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.out)
-        shutil.rmtree(self.parts)
-        return self.out
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (released by the kernel if the process dies)."""
+    try:
+        fh = open(path, "a+")
+    except FileNotFoundError:  # the parts folder is gone: someone assembled already
+        yield
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        fh.close()
 
 
 def gaps(done: list[tuple[int, int]], items: range) -> list[range]:
@@ -407,10 +489,34 @@ def check_provenance(expected: dict, got: dict, what: str) -> None:
 
 
 def progress_of(parts: Path) -> str:
-    meta = parts / "header.json"
-    total = json.loads(meta.read_text()).get("n_items") if meta.exists() else None
-    done = sum(s.end - s.first for s in read_shards(parts))
-    return f"{done} of {total} items done" if total is not None else f"{done} items done"
+    """Work units done and missing in an unfinished run's parts folder."""
+    try:
+        meta = json.loads((parts / "header.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    done = {(s.first, s.end) for s in read_shards(parts)}
+    n, unit = meta.get("n_items"), meta.get("unit_items")
+    if n is None or not unit:
+        return f"{sum(e - f for f, e in done)} items done"
+    units = [(s, min(s + unit, n)) for s in range(0, n, unit)]
+    missing = [i for i, u in enumerate(units) if u not in done]
+    items = sum(e - f for f, e in units if (f, e) in done)
+    text = f"{len(units) - len(missing)} of {len(units)} units done, {items} of {n} items"
+    if missing:
+        text += "; missing units " + _spans(missing)
+    return text
+
+
+def _spans(numbers: list[int], most: int = 8) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    spans, start = [], None
+    for i, v in enumerate(numbers):
+        if start is None:
+            start = v
+        if i + 1 == len(numbers) or numbers[i + 1] != v + 1:
+            spans.append(f"{start}-{v}" if v > start else f"{v}")
+            start = None
+    return ", ".join(spans[:most]) + (f" and {len(spans) - most} more" if len(spans) > most else "")
 
 
 def info(path: str | os.PathLike) -> dict:

@@ -42,7 +42,7 @@ def copy_rows(src: Path, dst: Path, order) -> Path:
     keep = {k: v for k, v in attrs.items() if k in ("backbone", "weights", "weights_sha256", "weights_path", "taps",
                                                     "pooling", "preprocessing", "precision", "source")}
     w = StoreWriter(dst, {**keep, "fingerprint": dst.name}, len(order), {tap: {**info, "dim": X.shape[1]}},
-                    overwrite=True)
+                    unit_items=len(order)).prepare(overwrite=True)
     w.add(0, len(order), {tap: X[order]}, y[order], [ids[i] for i in order], [], [])
     w.finalize(classes, tap)
     return dst

@@ -27,7 +27,7 @@ header = {
 }
 taps = {"features": {"layer": "features", "pool": "avg", "dim": 4},
         "features.13": {"layer": "features.13", "pool": "grid2", "dim": 2}}
-w = StoreWriter(out, header, n_items=4, taps=taps, overwrite=True)
+w = StoreWriter(out, header, n_items=4, taps=taps, unit_items=4).prepare(overwrite=True)
 w.add(0, 4, {"features": np.arange(12, dtype=np.float32).reshape(3, 4),
              "features.13": -np.arange(6, dtype=np.float32).reshape(3, 2)},
       np.array([0, 1, 0]), ["a/1.png", "b/2.png", "a/3.png"], ["a/bad.png"], ["UnidentifiedImageError: x"])

@@ -70,7 +70,8 @@ def write_store(path, X, y, classes, tap="features", backbone="mobilenet_v2", sh
 
     header = {"backbone": backbone, "weights": "w", "weights_sha256": sha, "weights_path": "",
               "preprocessing": "{}", "pooling": "{}", "taps": "{}", "fingerprint": str(path), "source": "{}"}
-    w = StoreWriter(path, header, len(X), {tap: {"layer": tap, "pool": "avg", "dim": X.shape[1]}}, overwrite=True)
+    w = StoreWriter(path, header, len(X), {tap: {"layer": tap, "pool": "avg", "dim": X.shape[1]}}, unit_items=len(X))
+    w.prepare(overwrite=True)
     w.add(0, len(X), {tap: X}, y, [f"i{k}" for k in range(len(X))], [], [])
     w.finalize(classes, tap)
     return path

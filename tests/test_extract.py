@@ -11,6 +11,7 @@ import torch
 
 from featx import registry, weights
 from featx.errors import FeatxError
+from featx.distributed import World
 from featx.extract import FeatureExtractor, extract
 from featx.taps import TapRecorder, pool
 from featx.sources import folder_source
@@ -131,22 +132,21 @@ KILL_SCRIPT = textwrap.dedent("""
     from featx.extract import extract
     from featx.sources import folder_source
     from featx.store import StoreWriter
-    real = StoreWriter.flush
+    real = StoreWriter._publish
     count = []
-    def flush_then_die(self, *a, **k):
-        publishing = bool(self._buffer)
+    def publish_then_die(self, *a, **k):
         real(self, *a, **k)
-        count.append(publishing)
-        if sum(count) == 2:
+        count.append(1)
+        if len(count) == 2:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush, no finally
-    StoreWriter.flush = flush_then_die
-    extract(folder_source({data!r}, "train"), {out!r}, small_config({weights!r}), shard_items=4)
+    StoreWriter._publish = publish_then_die
+    extract(folder_source({data!r}, "train"), {out!r}, small_config({weights!r}), unit_items=4)
 """)
 
 
 def test_killed_run_resumes_to_identical_file(image_tree, tmp_path, weights_file, run_cli):
     src = folder_source(image_tree, "train")
-    clean = extract(src, tmp_path / "clean.h5", small_config(weights_file), shard_items=4)
+    clean = extract(src, tmp_path / "clean.h5", small_config(weights_file), unit_items=4)
     out = tmp_path / "killed.h5"
     script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), data=str(image_tree), out=str(out),
                                 weights=str(weights_file))
@@ -156,8 +156,8 @@ def test_killed_run_resumes_to_identical_file(image_tree, tmp_path, weights_file
     with pytest.raises(FeatxError, match="not complete"):
         FeatureStore(out)
     shown = run_cli("info", out)
-    assert shown.exit_code == 2 and "INCOMPLETE (8 of 12 items done)" in shown.output
-    resumed = extract(src, out, small_config(weights_file), shard_items=4)
+    assert shown.exit_code == 2 and "INCOMPLETE (2 of 3 units done, 8 of 12 items; missing units 2)" in shown.output
+    resumed = extract(src, out, small_config(weights_file), unit_items=4)
     assert resumed.resumed_from == 8
     with FeatureStore(clean.out) as a, FeatureStore(out) as b:
         assert a.ids == b.ids and a.labels.tolist() == b.labels.tolist()
@@ -165,13 +165,16 @@ def test_killed_run_resumes_to_identical_file(image_tree, tmp_path, weights_file
     assert not parts_dir(out).exists()
 
 
-def test_processes_can_write_contiguous_ranges(image_tree, tmp_path, weights_file):
+def test_processes_that_never_talk_share_the_units(image_tree, tmp_path, weights_file):
+    """A hand-made world (a Slurm job array, say): each process takes unit % size == rank,
+    and the one that finds every unit published assembles the file."""
     src = folder_source(image_tree, "train")
     whole = extract(src, tmp_path / "whole.h5", small_config(weights_file))
     out = tmp_path / "ranks.h5"
-    first = extract(src, out, small_config(weights_file), items=range(0, 8), finalize=False)
-    assert first.n_rows == -1 and not out.exists()
-    extract(src, out, small_config(weights_file), items=range(8, 12))  # the last rank assembles
+    first = extract(src, out, small_config(weights_file), unit_items=4, world=World(0, 2))
+    assert first.n_rows == -1 and first.units_done == 2 and not out.exists()  # units 0 and 2 of 0, 1, 2
+    last = extract(src, out, small_config(weights_file), unit_items=4, world=World(1, 2))
+    assert last.units_done == 1 and last.n_rows == 12
     with FeatureStore(whole.out) as a, FeatureStore(out) as b:
         np.testing.assert_array_equal(a.features(), b.features())
 
@@ -180,15 +183,14 @@ def test_shards_bound_memory(image_tree, tmp_path, weights_file, monkeypatch):
     from featx.store import StoreWriter
 
     sizes = []
-    real = StoreWriter.flush
+    real = StoreWriter._publish
 
     def spy(self):
-        if self._buffer:
-            sizes.append(self._buffer[-1][1] - self._buffer[0][0])
+        sizes.append(self._buffer[-1][1] - self._buffer[0][0])
         return real(self)
 
-    monkeypatch.setattr(StoreWriter, "flush", spy)
-    extract(folder_source(image_tree, "train"), tmp_path / "f.h5", small_config(weights_file), shard_items=4)
+    monkeypatch.setattr(StoreWriter, "_publish", spy)
+    extract(folder_source(image_tree, "train"), tmp_path / "f.h5", small_config(weights_file), unit_items=4)
     assert sizes == [4, 4, 4]  # rows leave memory every 4 items, however many images there are
 
 
@@ -223,6 +225,6 @@ def test_random_weights_are_seeded_recorded_and_part_of_the_fingerprint(image_tr
         assert fa.attrs["weights_seed"] == 0 and fc.attrs["weights_seed"] == 1
         assert len(fa.attrs["weights_sha256"]) == 64 and fa.attrs["weights_sha256"] != fc.attrs["weights_sha256"]
     # an unfinished run with seed 0 is not continued by a run with seed 1
-    extract(src, tmp_path / "d.h5", small_config(**cfg), items=range(0, 4), finalize=False)
+    extract(src, tmp_path / "d.h5", small_config(**cfg), unit_items=4, world=World(0, 2), finalize=False)
     with pytest.raises(FeatxError, match="unfinished run with other settings"):
         extract(src, tmp_path / "d.h5", small_config(**cfg, seed=1))

@@ -12,7 +12,7 @@ def store_with_taps(path, taps: dict, y, classes):
     header = {"backbone": "mobilenet_v2", "weights": "w", "weights_sha256": "", "weights_path": "",
               "preprocessing": "{}", "pooling": "{}", "taps": "{}", "fingerprint": str(path), "source": "{}"}
     specs = {t: {"layer": t.split("@")[0], "pool": t.split("@")[1], "dim": v.shape[1]} for t, v in taps.items()}
-    w = StoreWriter(path, header, len(y), specs, overwrite=True)
+    w = StoreWriter(path, header, len(y), specs, unit_items=len(y)).prepare(overwrite=True)
     w.add(0, len(y), taps, y, [f"i{k}" for k in range(len(y))], [], [])
     w.finalize(classes, next(iter(taps)))
     return path
