@@ -114,14 +114,14 @@ class FeatureExtractor:
         """Stored tap name -> layer, pooling and width (what the writer needs up front)."""
         return {name: {"layer": layer, "pool": p, "dim": self.dims()[name]} for name, (layer, p) in self.taps.items()}
 
-    def header(self, source: Source, unit_items: int) -> dict:
-        """Root attributes of the feature file; the fingerprint decides resume compatibility
-        (and, through the batches and units, that a resumed file equals an uninterrupted one)."""
+    def header(self, source: Source) -> dict:
+        """Root attributes of the feature file; the fingerprint decides whether an existing
+        output or unfinished run is this job (the writer adds the unit size to the latter)."""
         c, w = self.config, self.weights
         fingerprint = {
             "backbone": c.backbone, "weights": w.id, "weights_sha256": w.sha256, "weights_seed": w.seed,
             "taps": self.taps, "preprocessing": json.loads(self.pre.to_json()), "dtype": c.dtype,
-            "precision": str(self.amp), "batch_size": c.batch_size, "unit_items": unit_items,
+            "precision": str(self.amp), "batch_size": c.batch_size,
             "source": source_fingerprint(source),
         }
         provenance = {
@@ -293,7 +293,7 @@ def _start(source: Source, out, config: ExtractConfig, overwrite: bool, unit_ite
         extractor = FeatureExtractor(config, world)
         b = config.batch_size
         unit = unit_size(len(source), b, unit_items)
-        writer = StoreWriter(out, extractor.header(source, unit), len(source), extractor.tap_specs(), unit,
+        writer = StoreWriter(out, extractor.header(source), len(source), extractor.tap_specs(), unit,
                              config.dtype)
         if world.is_main or not world.collective:  # processes that never talk each make it ready
             writer.prepare(overwrite)

@@ -102,7 +102,9 @@ class StoreWriter:
         self.out, self.header, self.n_items = Path(out), dict(header), n_items
         self.taps, self.unit_items, self.dtype = {k: dict(v) for k, v in taps.items()}, int(unit_items), dtype
         self.parts = parts_dir(out)
-        self.job = hashlib.sha256(header["fingerprint"].encode()).hexdigest()[:16]
+        # a job: these settings cut into these units (a finished file does not depend on the
+        # unit size, so its own fingerprint leaves it out)
+        self.job = hashlib.sha256(f"{header['fingerprint']}/{self.unit_items}".encode()).hexdigest()[:16]
         self._buffer: list[tuple] = []
         self.already_complete = self.output_complete()
 

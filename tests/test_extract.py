@@ -228,3 +228,14 @@ def test_random_weights_are_seeded_recorded_and_part_of_the_fingerprint(image_tr
     extract(src, tmp_path / "d.h5", small_config(**cfg), unit_items=4, world=World(0, 2), finalize=False)
     with pytest.raises(FeatxError, match="unfinished run with other settings"):
         extract(src, tmp_path / "d.h5", small_config(**cfg, seed=1))
+
+
+def test_the_unit_size_shapes_the_work_not_the_file(image_tree, tmp_path, weights_file):
+    src = folder_source(image_tree, "train")
+    out = tmp_path / "f.h5"
+    extract(src, out, small_config(weights_file), unit_items=4)
+    assert extract(src, out, small_config(weights_file), unit_items=8).already_complete  # the same file
+    unfinished = tmp_path / "u.h5"
+    extract(src, unfinished, small_config(weights_file), unit_items=4, world=World(0, 2))
+    with pytest.raises(FeatxError, match="unfinished run with other settings"):  # shards cut otherwise
+        extract(src, unfinished, small_config(weights_file), unit_items=8)
