@@ -11,8 +11,8 @@ Training runs to convergence, not for a fixed number of epochs: when an epoch lo
 objective by less than ``tol`` (relative), the learning rate drops tenfold; after
 ``lr_drops`` drops the fit has converged.  The MLP, whose training objective keeps falling
 as it overfits, stops early instead when a validation stream is given (as scikit-learn's
-``early_stopping``): after ``n_iter_no_change`` epochs without a better validation
-accuracy, keeping its best epoch (``best_epoch_``).  ``alpha`` may be a sequence: every value is
+``early_stopping``): after ``n_iter_no_change`` epochs without a validation accuracy better
+by ``tol``, keeping its best epoch (``best_epoch_``).  ``alpha`` may be a sequence: every value is
 trained on the same mini-batches at once (the stream is read once for the whole
 regularisation path), the validation stream picks ``alpha_`` and the estimator keeps that
 model; ``path_scores_`` has each value's validation accuracy.
@@ -45,7 +45,8 @@ class StreamingClassifier(ClassifierMixin, BaseEstimator):
         hidden: units of one ReLU hidden layer; 0 for a linear model.
         batch_size: rows per Adam step.
         lr: initial learning rate; None: 1e-2 for linear models, 1e-3 for the MLP.
-        tol: relative decrease of the epoch's objective below which the rate drops.
+        tol: relative decrease of the epoch's objective below which the rate drops; with
+            early stopping, the gain in validation accuracy that counts as better.
         lr_drops: rate drops (x 0.1) before the fit counts as converged.
         max_epochs: epochs at most (``converged_`` is False when they run out).
         n_iter_no_change: MLP with a validation stream: epochs without a better validation
@@ -183,7 +184,7 @@ class StreamingClassifier(ClassifierMixin, BaseEstimator):
             history.append(total.tolist())
             if val is not None:
                 for i, acc in enumerate(_accuracies(net, val, lookup)):
-                    if acc > best_acc[i]:
+                    if acc > best_acc[i] + (self.tol if kept[i] is not None else 0):  # a real gain, not noise
                         best_acc[i], best_epoch[i], kept[i] = acc, epoch + 1, net.export(i)
                 if epoch + 1 - max(best_epoch) >= self.n_iter_no_change:
                     converged = True

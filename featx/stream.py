@@ -92,13 +92,21 @@ class RowStream:
         return prefetch(self._read(g) for g in groups)
 
     def __call__(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Shuffled mini-batches covering every selected row once."""
+        """Shuffled mini-batches covering every selected row once, all full but the last
+        (the rows a buffer leaves over join the next buffer's)."""
         rng = np.random.default_rng([self.seed, epoch, 1])
+        X_left, y_left = None, None
         for X, y in self.buffers(epoch):
             order = rng.permutation(len(y))
-            for s in range(0, len(y), self.batch_size):
-                idx = order[s:s + self.batch_size]
-                yield X[idx], y[idx]
+            X, y = X[order], y[order]
+            if X_left is not None:
+                X, y = np.concatenate([X_left, X]), np.concatenate([y_left, y])
+            full = len(y) // self.batch_size * self.batch_size
+            for s in range(0, full, self.batch_size):
+                yield X[s:s + self.batch_size], y[s:s + self.batch_size]
+            X_left, y_left = X[full:], y[full:]
+        if y_left is not None and len(y_left):
+            yield X_left, y_left
 
     def sequential(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every selected row once, in file order, a buffer at a time (statistics, evaluation)."""
