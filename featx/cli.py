@@ -87,10 +87,11 @@ def main():
 @click.option("--unit-size", type=click.IntRange(min=1), default=None,
               help="images per work unit (default: 1/64 of the images, at most 4096; rounded up to a multiple of "
               "the batch size): what a process takes at a time and what a rerun after a kill recomputes at most.")
+@click.option("--no-cache", is_flag=True, help="do not use the feature cache ($FEATX_CACHE or cache/features/).")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="the .h5 file to write.")
 @click.option("--overwrite", is_flag=True, help="replace an output made with other settings.")
 def extract(data, split, root, backbone, weights, layers, pools, image_size, grayscale, batch_size, workers,
-            device, precision, channels_last, dtype, on_error, max_pixels, seed, unit_size, out, overwrite):
+            device, precision, channels_last, dtype, on_error, max_pixels, seed, unit_size, no_cache, out, overwrite):
     """Extract features of the images in DATA (folder, CSV/TSV list, or torchvision:NAME).
 
     Under torchrun every rank takes its share of the work units and rank 0 assembles the
@@ -108,7 +109,7 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
         backbone=backbone, weights=weights, layers=tuple(layers), pools=tuple(dict.fromkeys(pools)),
         image_size=image_size, grayscale=grayscale, batch_size=batch_size, workers=workers, device=device,
         precision=precision, channels_last=channels_last, dtype=dtype, on_error=on_error,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, seed=seed,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, seed=seed, cache=None if no_cache else "auto",
     )
     from featx.distributed import from_env
 
@@ -124,7 +125,8 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
         return
     resumed = f", resumed after {r.resumed_from} items" if r.resumed_from else ""
     rate = (r.n_items - r.resumed_from) / r.seconds if r.seconds else 0
-    click.echo(f"wrote {out}: {r.n_rows} rows from {r.n_items} images, {len(r.failed)} failed"
+    cached = f", {r.cache_hits} from the cache" if r.cache_hits else ""
+    click.echo(f"wrote {out}: {r.n_rows} rows from {r.n_items} images, {len(r.failed)} failed{cached}"
                f"{resumed} ({rate:.1f} img/s)")
     for i, err in r.failed[:10]:
         click.echo(f"  failed: {i}: {err}", err=True)
@@ -204,6 +206,51 @@ def weights_import(path):
     dest = import_weights(path)
     click.echo(f"imported {path} -> {dest}")
 
+
+
+@main.group()
+def cache():
+    """The feature cache ($FEATX_CACHE, or cache/features/ under the working directory)."""
+
+
+@cache.command("info")
+@click.option("--json", "as_json", is_flag=True)
+def cache_info(as_json):
+    """Entries, size, and per setting its entries and hit rate."""
+    from featx.cache import FeatureCache, default_location
+
+    c = FeatureCache.open()
+    if c is None:
+        raise FeatxError(f"the feature cache at {default_location()} cannot be read.")
+    d = c.info()
+    c.close()
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+        return
+    click.echo(f"{d['path']}: {d['entries']} vectors, {d['bytes_on_disk'] / 2**20:.1f} MB on disk")
+    for s in d["settings"]:
+        rate = f"{100 * s['hit_rate']:.0f} %" if s["hit_rate"] is not None else "-"
+        click.echo(f"  {s['setting'][:12]}  {s['entries']:8d} vectors  hits {s['hits']}, misses {s['misses']} "
+                   f"({rate})  {s['backbone']} {s['layer']}@{s['pool']} weights {s['weights_sha256'][:12]} "
+                   f"{s['dtype']} {s['precision']} {s['device']}")
+
+
+@cache.command("prune")
+@click.option("--max-size", required=True, help="evict the least recently used vectors until the cache is this "
+              "small, e.g. 20G or 500MB.")
+def cache_prune(max_size):
+    """Evict the least recently used vectors."""
+    from featx.cache import FeatureCache, default_location
+    from featx.fit import parse_size
+
+    limit = parse_size(max_size, "--max-size")
+    c = FeatureCache.open()
+    if c is None:
+        raise FeatxError(f"the feature cache at {default_location()} cannot be read.")
+    before = c.size()
+    removed = c.prune(limit)
+    click.echo(f"{c.root}: removed {removed} vectors, {before / 2**20:.1f} MB -> {c.size() / 2**20:.1f} MB")
+    c.close()
 
 
 # -- classifiers --------------------------------------------------------------------------

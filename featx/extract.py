@@ -9,9 +9,13 @@ published, and has the writer assemble the file when every item is done.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import sqlite3
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -20,6 +24,7 @@ import torchvision
 from tqdm.auto import tqdm
 
 from featx import registry
+from featx.cache import FeatureCache, setting_digest
 from featx.decode import DEFAULT_MAX_PIXELS, Decoded, collate
 from featx.device import autocast_dtype, resolve_device
 from featx.distributed import World, agree, barrier, broadcast, cpu_share, device_spec, session
@@ -53,6 +58,7 @@ class ExtractConfig:
     jpeg_draft: bool = True
     preprocessing: str | None = None  # a Preprocess as JSON: replaces the weights' own (predict)
     seed: int = 0  # initialisation of random weights (weights="none")
+    cache: str | None = "auto"  # feature cache: auto ($FEATX_CACHE or cache/features/), a folder, or None
 
 
 class FeatureExtractor:
@@ -94,14 +100,28 @@ class FeatureExtractor:
         self.nhwc = registry.family_of(c.backbone).nhwc
         self._dims: dict[str, int] | None = None
 
-    def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """Features of a uint8 batch (N, 3, H, W) for every tap, as float32 arrays."""
+    def __call__(self, x: torch.Tensor, taps: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Features of a uint8 batch (N, 3, H, W) for every tap (or the named ones: the
+        forward pass stops once they fired), as float32 arrays."""
+        wanted = self.taps if taps is None else {t: self.taps[t] for t in taps}
         with torch.inference_mode():
             x = self.normalize(x)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                with TapRecorder(self.model, self.taps, self.nhwc) as rec:
+                with TapRecorder(self.model, wanted, self.nhwc) as rec:
                     out = rec.run(x)
             return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+    def cache_settings(self) -> dict[str, dict]:
+        """Per stored tap, everything that decides its vectors: the feature cache's settings.
+
+        The weights enter by their sha256 (a renamed weights file still hits); device,
+        precision, memory layout and torch's version enter because they change the last bits.
+        """
+        c = self.config
+        common = {"backbone": c.backbone, "weights_sha256": self.weights.sha256, "preprocessing": self.pre.to_json(),
+                  "precision": str(self.amp or "float32"), "dtype": c.dtype, "channels_last": c.channels_last,
+                  "device": self.device.type, "torch": str(torch.__version__)}
+        return {name: {**common, "layer": layer, "pool": p} for name, (layer, p) in self.taps.items()}
 
     def dims(self) -> dict[str, int]:
         """Width of every tap, from one blank image at the input size."""
@@ -160,11 +180,7 @@ def iterate(source: Source, extractor: FeatureExtractor, items: range | list[ran
     c = extractor.config
     ranges = [items] if isinstance(items, range) else list(items)
     batches = [list(range(s, min(s + c.batch_size, r.stop))) for r in ranges for s in range(r.start, r.stop, c.batch_size)]
-    n_workers = _workers(c, sum(len(r) for r in ranges), extractor.world)
-    loader = torch.utils.data.DataLoader(
-        Decoded(source, extractor.pre, c.max_pixels), batch_sampler=batches, num_workers=n_workers,
-        collate_fn=collate, pin_memory=extractor.device.type == "cuda", prefetch_factor=4 if n_workers else None,
-    )
+    loader = _loader(source, extractor, batches, sum(len(r) for r in ranges))
     bar = None
     if not callable(progress):
         bar = tqdm(total=sum(len(r) for r in ranges), unit="img", disable=(None if progress is None else not progress),
@@ -172,15 +188,30 @@ def iterate(source: Source, extractor: FeatureExtractor, items: range | list[ran
         progress = bar.update
     try:
         for batch_items, (x, good, bad) in zip(batches, loader):
-            if bad and c.on_error == "fail":
-                i, err = bad[0]
-                raise FeatxError(f"cannot decode {source.ids[i]}: {err} (--on-error skip records it and goes on).")
+            _check_errors(source, bad, c)
             feats = extractor(x) if x is not None else None
             yield batch_items, good, feats, bad
             progress(len(batch_items))
     finally:
         if bar is not None:
             bar.close()
+
+
+def _loader(source: Source, extractor: FeatureExtractor, batch_sampler, n_items: int):
+    """Decode in DataLoader workers (uint8 tensors cross the process boundary) the batches
+    the sampler gives (a list, or an iterable read as the loader goes)."""
+    c = extractor.config
+    n_workers = _workers(c, n_items, extractor.world)
+    return torch.utils.data.DataLoader(
+        Decoded(source, extractor.pre, c.max_pixels), batch_sampler=batch_sampler, num_workers=n_workers,
+        collate_fn=collate, pin_memory=extractor.device.type == "cuda", prefetch_factor=4 if n_workers else None,
+    )
+
+
+def _check_errors(source: Source, bad, config: ExtractConfig) -> None:
+    if bad and config.on_error == "fail":
+        i, err = bad[0]
+        raise FeatxError(f"cannot decode {source.ids[i]}: {err} (--on-error skip records it and goes on).")
 
 
 @dataclass
@@ -193,6 +224,7 @@ class ExtractResult:
     seconds: float = 0.0
     already_complete: bool = False
     units_done: int = 0  # work units this process extracted
+    cache_hits: int = 0  # rows whose features came from the feature cache (all processes)
 
 
 MAX_UNIT_ITEMS = 4096  # a killed process loses at most this much work
@@ -253,6 +285,10 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
         finalize: assemble the HDF5 file when every unit is done.
         unit_items: items per work unit (default: :func:`unit_size`); part of the fingerprint.
         world: this process's rank among several (default: torchrun's environment, or one).
+
+    With ``config.cache`` (on by default), each image is looked up in the feature cache
+    by its content and settings first: hits skip decoding and the network, misses are added;
+    the file is the same either way.
     """
     t0 = time.perf_counter()
     if len(source) == 0:
@@ -260,19 +296,20 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
     with session(world) as world:
         writer, extractor = _start(source, out, config, overwrite, unit_items, world)
         if writer.already_complete:
-            n_rows, _ = _summary_of(out)
+            n_rows, _, _ = _summary_of(out)
             return ExtractResult(str(out), len(source), n_rows, [], len(source), 0.0, True)
         mine = writer.pending(world.rank, world.size)
         done = sum(e - f for f, e in writer.done_ranges())
-        failed: list[tuple[str, str]] = []
         bar = _JobProgress(writer, world, done, config.progress, f"extract {config.backbone}")
+        cache = None
+        if config.cache and mine:
+            cache = FeatureCache.open(None if config.cache == "auto" else config.cache)
         try:
-            for batch_items, good, feats, bad in iterate(source, extractor, mine, bar):
-                writer.add(batch_items[0], batch_items[-1] + 1, feats, source.labels[good],
-                           [source.ids[i] for i in good], [source.ids[i] for i, _ in bad], [e for _, e in bad])
-                failed += [(source.ids[i], e) for i, e in bad]
+            failed, hits = _run_units(source, extractor, writer, mine, cache, bar)
         finally:
             bar.close()
+            if cache is not None:
+                cache.close()
         n_rows = -1
         if finalize:
             barrier(world)  # torchrun: every rank has published its units
@@ -280,9 +317,135 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
                 writer.finalize(source.classes, extractor.default_tap)
             barrier(world)  # the other ranks return once the file is there
             if writer.output_complete():
-                n_rows, failed = _summary_of(out)
+                n_rows, failed, hits = _summary_of(out)
         return ExtractResult(str(out), len(source), n_rows, failed, done, time.perf_counter() - t0,
-                             units_done=len(mine))
+                             units_done=len(mine), cache_hits=hits)
+
+
+class _Plan:
+    """The DataLoader's batches, unit by unit: the items the network must see.
+
+    For each unit, in order, the cache (when there is one) is asked for the unit's images
+    first; the batches hold the items with at least one tap missing, cut at multiples of the
+    batch size in item order (without a cache: exactly the unit's batches).  A unit the
+    cache answers completely yields one empty batch, so that every unit reaches the
+    consumer.  ``meta`` tells the consumer, batch after batch, which unit it belongs to.
+    """
+
+    def __init__(self, source: Source, units: list[range], batch_size: int, lookup):
+        self.source, self.units, self.batch_size, self.lookup = source, units, batch_size, lookup
+        self.meta: collections.deque = collections.deque()
+        self.cached: dict[int, tuple[list, dict]] = {}  # unit -> (content keys, tap -> {item: vector})
+
+    def __iter__(self):
+        for u, unit in enumerate(self.units):
+            keys, hits = self.lookup(unit)
+            self.cached[u] = (keys, hits)
+            todo = [i for i in unit if not hits or any(i not in h for h in hits.values())]
+            batches = [todo[s:s + self.batch_size] for s in range(0, len(todo), self.batch_size)] or [[]]
+            for j, b in enumerate(batches):
+                self.meta.append((u, j == len(batches) - 1))
+                yield b
+
+
+def _run_units(source: Source, extractor: FeatureExtractor, writer: StoreWriter, units: list[range],
+               cache: FeatureCache | None, progress) -> tuple[list, int]:
+    """Extract ``units`` (asking the cache first) and hand each finished unit to the writer."""
+    lookup = _CacheLookup(source, extractor, cache)
+    plan = _Plan(source, units, extractor.config.batch_size, lookup)
+    failed, hits_total = [], 0
+    acc: dict[str, dict] = {"feats": {}, "bad": {}}
+    loader = _loader(source, extractor, plan, sum(len(u) for u in units)) if units else []
+    for x, good, bad in loader:
+        _check_errors(source, bad, extractor.config)
+        u, last = plan.meta.popleft()
+        keys, hits = plan.cached[u]
+        if x is not None:
+            missing = [t for t in extractor.taps if any(i not in hits.get(t, {}) for i in good)]
+            feats = extractor(x, missing)
+            for k, i in enumerate(good):
+                acc["feats"][i] = {t: v[k] for t, v in feats.items()}
+        acc["bad"].update(bad)
+        if last:
+            unit = units[u]
+            n_hits = _publish_unit(source, extractor, writer, unit, hits, acc)
+            lookup.store(unit, keys, hits, acc["feats"])
+            failed += [(source.ids[i], e) for i, e in sorted(acc["bad"].items())]
+            hits_total += n_hits
+            acc = {"feats": {}, "bad": {}}
+            del plan.cached[u]
+            progress(len(unit))
+    lookup.close()
+    return failed, hits_total
+
+
+def _publish_unit(source, extractor, writer, unit: range, hits: dict, acc: dict) -> int:
+    """One unit's rows in item order (cached or computed), given to the writer; returns the
+    number of rows that came wholly from the cache."""
+    rows, n_hits = [], 0
+    for i in unit:
+        if i in acc["bad"]:
+            continue
+        computed = acc["feats"].get(i, {})
+        if not computed:
+            n_hits += 1
+        rows.append((i, {t: computed[t] if t in computed else hits[t][i] for t in extractor.taps}))
+    good = [i for i, _ in rows]
+    taps = {t: np.stack([r[t] for _, r in rows]) for t in extractor.taps} if rows else None
+    bad = [i for i in unit if i in acc["bad"]]
+    writer.add(unit.start, unit.stop, taps, source.labels[good], [source.ids[i] for i in good],
+               [source.ids[i] for i in bad], [acc["bad"][i] for i in bad], cache_hits=n_hits)
+    return n_hits
+
+
+class _CacheLookup:
+    """The feature cache as the runner uses it: content keys, lookups and additions per
+    unit; any cache error turns it off for the rest of the run (with one warning)."""
+
+    def __init__(self, source: Source, extractor: FeatureExtractor, cache: FeatureCache | None):
+        self.source, self.cache = source, cache
+        self.settings = {}
+        if cache is not None:
+            for tap, desc in extractor.cache_settings().items():
+                self.settings[tap] = setting_digest(desc)
+                self._guard(cache.register, self.settings[tap], desc)
+        self.pool = ThreadPoolExecutor(4) if cache is not None else None  # hashing releases the GIL
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except sqlite3.Error as e:
+            warnings.warn(f"the feature cache at {self.cache.root} failed ({e}); going on without it.", stacklevel=3)
+            self.cache = None
+            return None
+
+    def __call__(self, unit: range) -> tuple[list, dict]:
+        if self.cache is None:
+            return [], {}
+        keys = list(self.pool.map(self.source.content_key, unit))
+        known = [k for k in keys if k is not None]
+        hits = {}
+        for tap, setting in self.settings.items():
+            found = self._guard(self.cache.get, known, setting) if self.cache is not None else None
+            if found is None:
+                return keys, {}
+            hits[tap] = {i: found[k] for i, k in zip(unit, keys) if k is not None and k in found}
+        return keys, hits
+
+    def store(self, unit: range, keys: list, hits: dict, computed: dict) -> None:
+        if self.cache is None or not keys:
+            return
+        for tap, setting in self.settings.items():
+            new = {keys[i - unit.start]: v[tap] for i, v in computed.items()
+                   if keys[i - unit.start] is not None and tap in v and i not in hits.get(tap, {})}
+            if new:
+                self._guard(self.cache.put, new, setting)
+            if self.cache is None:
+                return
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _start(source: Source, out, config: ExtractConfig, overwrite: bool, unit_items: int | None, world: World):
@@ -314,7 +477,7 @@ def _start(source: Source, out, config: ExtractConfig, overwrite: bool, unit_ite
     return writer, extractor
 
 
-def _summary_of(out) -> tuple[int, list[tuple[str, str]]]:
-    """Rows and failures of a finished file (opened once)."""
+def _summary_of(out) -> tuple[int, list[tuple[str, str]], int]:
+    """Rows, failures and rows from the feature cache of a finished file (opened once)."""
     with FeatureStore(out) as fs:
-        return len(fs), fs.failed
+        return len(fs), fs.failed, int(fs.attrs.get("cache_hits", 0))

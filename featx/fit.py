@@ -270,14 +270,14 @@ def _convergence(est, epochs_from_validation: bool = False) -> dict:
 # ----------------------------------------------------------------------------- the policy
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--memory-budget") -> int:
     """``"512MB"``, ``"4G"``, ``"1.5GiB"`` or a number of bytes -> bytes."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().rstrip("b").rstrip("i")
     try:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
     except ValueError:
-        raise FeatxError(f"--memory-budget {text!r} is not a size such as 512MB or 4GB.") from None
+        raise FeatxError(f"{option} {text!r} is not a size such as 512MB or 4GB.") from None
 
 
 def default_budget() -> int:

@@ -37,6 +37,10 @@ class Source:
     def open(self, i: int) -> Image.Image:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def content_key(self, i: int) -> str | None:  # pragma: no cover - abstract
+        """sha256 of item ``i``'s content (the feature cache's key), or None if unreadable."""
+        raise NotImplementedError
+
     def describe(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -55,6 +59,17 @@ class FileSource(Source):
 
     def open(self, i: int) -> Image.Image:
         return Image.open(self.root / self.ids[i])
+
+    def content_key(self, i: int) -> str | None:
+        """sha256 of the file's bytes: a renamed or moved file keeps its key."""
+        h = hashlib.sha256()
+        try:
+            with open(self.root / self.ids[i], "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            return None
+        return h.hexdigest()
 
     def describe(self) -> dict:
         return {**self._kind, "n_items": len(self)}
@@ -159,6 +174,15 @@ class TorchvisionSource(Source):
         img = self.ds[i][0]
         return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
 
+    def content_key(self, i: int) -> str | None:
+        """sha256 of the decoded pixels (with their shape and mode): the data set has no files."""
+        try:
+            img = self.open(i)
+            a = np.asarray(img)
+        except Exception:  # noqa: BLE001 - an unreadable item is a miss; decoding reports it
+            return None
+        return hashlib.sha256(f"{img.mode}{a.shape}{a.dtype}".encode() + a.tobytes()).hexdigest()
+
     def describe(self) -> dict:
         return {**self._desc, "n_items": len(self)}
 
@@ -174,6 +198,9 @@ class Subset(Source):
 
     def open(self, i: int) -> Image.Image:
         return self._source.open(int(self._idx[i]))
+
+    def content_key(self, i: int) -> str | None:
+        return self._source.content_key(int(self._idx[i]))
 
     def describe(self) -> dict:
         return {**self._source.describe(), "subset": len(self._idx), "n_items": len(self._idx)}

@@ -170,17 +170,18 @@ class StoreWriter:
         return gaps(self.done_ranges(), range(self.n_items))
 
     def add(self, first: int, end: int, taps: dict[str, np.ndarray] | None, labels, ids: list[str],
-            failed_ids: list[str], failed_reasons: list[str]) -> None:
+            failed_ids: list[str], failed_reasons: list[str], cache_hits: int = 0) -> None:
         """Rows of the source items [first, end), which follow the previous ``add`` directly.
 
         ``taps`` is None when no item of the range could be decoded.  The unit's shard is
-        published when ``end`` reaches the end of the unit.
+        published when ``end`` reaches the end of the unit.  ``cache_hits`` counts rows that
+        came from the feature cache (provenance only).
         """
         if self._buffer and first != self._buffer[-1][1]:
             raise ValueError(f"items {first}-{end} do not follow item {self._buffer[-1][1]}")
         if not self._buffer and first % self.unit_items:
             raise ValueError(f"item {first} does not start a unit of {self.unit_items} items")
-        self._buffer.append((first, end, taps, labels, ids, failed_ids, failed_reasons))
+        self._buffer.append((first, end, taps, labels, ids, failed_ids, failed_reasons, cache_hits))
         unit_end = min((self._buffer[0][0] // self.unit_items + 1) * self.unit_items, self.n_items)
         if end > unit_end:
             raise ValueError(f"items {first}-{end} run past the end of their unit ({unit_end})")
@@ -199,6 +200,7 @@ class StoreWriter:
             failed_ids=np.asarray([i for p in parts for i in p[5]], dtype=np.str_),
             failed_reasons=np.asarray([r for p in parts for r in p[6]], dtype=np.str_),
             job=np.asarray(self.job),
+            cache_hits=np.asarray(sum(p[7] for p in parts)),
         )
         final = self.parts / f"shard-{parts[0][0]:012d}-{parts[-1][1]:012d}.npz"
         tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # one temporary name per process
@@ -221,11 +223,12 @@ class StoreWriter:
         with _locked(self.parts / "assemble.lock"):
             if not self.parts.exists() or self.output_complete():  # another process did it
                 return self.out
-            shards, n_rows, n_failed = self._check_shards()
+            shards, n_rows, n_failed, hits = self._check_shards()
             tmp = self.out.with_name(f"{self.out.name}.{os.getpid()}.tmp")
             self.out.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self._assemble(tmp, shards, n_rows, n_failed, classes, default_tap, extra_attrs)
+                self._assemble(tmp, shards, n_rows, n_failed, classes, default_tap,
+                               {"cache_hits": hits, **(extra_attrs or {})})
                 with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, self.out)
@@ -234,14 +237,14 @@ class StoreWriter:
             shutil.rmtree(self.parts)
         return self.out
 
-    def _check_shards(self) -> tuple[list[Shard], int, int]:
+    def _check_shards(self) -> tuple[list[Shard], int, int, int]:
         """Every unit published exactly once by this job, every item a row or a failure."""
         missing = self.missing()
         if missing:
             raise FeatxError(f"cannot assemble {self.out}: items {', '.join(f'{r.start}-{r.stop - 1}' for r in missing[:3])}"
                              " are not extracted yet; rerun the same command to extract them.")
         units = {(u.start, u.stop) for u in self.units()}
-        shards, n_rows, n_failed = self.shards(), 0, 0
+        shards, n_rows, n_failed, hits = self.shards(), 0, 0, 0
         for s in shards:
             if (s.first, s.end) not in units:
                 raise FeatxError(f"{s.path} covers items {s.first}-{s.end - 1}, which is not a work unit of this "
@@ -249,6 +252,7 @@ class StoreWriter:
             try:
                 with np.load(s.path) as z:
                     job, rows, failed = str(z["job"]), len(z["ids"]), len(z["failed_ids"])
+                    hits += int(z["cache_hits"])
             except Exception as e:  # truncated or damaged on disk
                 raise FeatxError(f"shard {s.path} is unreadable ({type(e).__name__}: {e}); delete it and rerun "
                                  "the same command to extract its items again.") from None
@@ -258,7 +262,7 @@ class StoreWriter:
                 raise FeatxError(f"shard {s.path} holds {rows} rows and {failed} failures for {s.end - s.first} "
                                  "items; delete it and rerun the same command.")
             n_rows, n_failed = n_rows + rows, n_failed + failed
-        return shards, n_rows, n_failed
+        return shards, n_rows, n_failed, hits
 
     def _assemble(self, path: Path, shards: list[Shard], n_rows: int, n_failed: int, classes: list[str],
                   default_tap: str, extra_attrs: dict | None) -> None:

@@ -29,21 +29,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine, update_section  # noqa: E402
 
 
-def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
+def make_jpegs(root: Path, n: int, size: tuple[int, int] = (640, 480), start: int = 0, seed: int = 0) -> Path:
+    """``n`` JPEG photos of ``size`` (width, height): random crops of scikit-learn's two sample
+    photographs, half of them flipped, in two class folders; numbered from ``start``."""
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, start])
     photos = [load_sample_image(name) for name in ("china.jpg", "flower.jpg")]  # 427 x 640
-    for i in range(n):
+    for i in range(start, start + n):
         a = photos[i % 2]
-        y, x = rng.integers(0, 60), rng.integers(0, 100)
-        img = Image.fromarray(a[y:y + 360, x:x + 540]).resize((640, 480))
+        h = int(rng.integers(240, 400))  # crop height; the width follows the target's aspect ratio
+        w = min(600, round(h * size[0] / size[1]))
+        y, x = rng.integers(0, 427 - h), rng.integers(0, 640 - w)
+        img = Image.fromarray(a[y:y + h, x:x + w]).resize(size)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         d = root / ("a" if i % 2 else "b")
         d.mkdir(parents=True, exist_ok=True)
-        img.save(d / f"{i:05d}.jpg", quality=90)
+        img.save(d / f"{i:06d}.jpg", quality=90)
     return root
 
 

@@ -77,6 +77,27 @@ def write_store(path, X, y, classes, tap="features", backbone="mobilenet_v2", sh
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_feature_cache(tmp_path_factory):
+    """Module- and session-scoped fixtures share one feature cache, never the repository's
+    cache/features/ (they are set up before any test's own cache below)."""
+    old = os.environ.get("FEATX_CACHE")
+    os.environ["FEATX_CACHE"] = str(tmp_path_factory.mktemp("featx-cache-session"))
+    yield
+    if old is None:
+        os.environ.pop("FEATX_CACHE", None)
+    else:
+        os.environ["FEATX_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def feature_cache(tmp_path_factory, monkeypatch, session_feature_cache):
+    """Each test gets its own feature cache, so that no test sees another's vectors."""
+    path = tmp_path_factory.mktemp("featx-cache")
+    monkeypatch.setenv("FEATX_CACHE", str(path))
+    return path
+
+
 @pytest.fixture
 def run_cli():
     """Invoke the click app; returns the Result (exit_code, stdout, stderr)."""

@@ -25,7 +25,6 @@ from conftest import make_image
 
 SMALL = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32", "--batch-size", "2",
          "--workers", "0"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +40,21 @@ def photos(tmp_path_factory):
     return root
 
 
+def env() -> dict:
+    """This test's environment (its own FEATX_CACHE), one thread per process."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
 def featx(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
+                          env=env(), timeout=timeout)
 
 
 def torchrun(n: int, *args, script: str | None = None, timeout=240):
     target = [script] if script else ["-m", "featx"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *target,
            *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
