@@ -86,9 +86,19 @@ class FeatureCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / "index.sqlite"
         self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: atomic and durable up to a power cut
-        self._db.executescript(_SCHEMA)
+        # Switching a new database to WAL takes an exclusive lock that SQLite does not wait
+        # for: processes opening a new cache at once retry (the schema is idempotent).
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: atomic, durable up to a power cut
+                self._db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @classmethod
     def open(cls, root: str | os.PathLike | None = None) -> "FeatureCache | None":

@@ -230,3 +230,21 @@ def test_prune_evicts_the_least_recently_used(tmp_path):
     cache.prune(cache.size() // 2)
     left = set(cache.get(list(big), "s"))
     assert {f"img{i}" for i in range(5)} <= left and len(left) < 20
+
+
+def _open_cache(root: str) -> str:
+    try:
+        FeatureCache(root).close()
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return repr(e)
+
+
+def test_processes_opening_a_new_cache_at_once_all_get_it(tmp_path):
+    """Switching a new database to WAL is not covered by SQLite's busy wait: 4 processes
+    opening one new cache at once used to get 'database is locked' (about 1 in 9)."""
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(4) as pool:
+        results = [r for k in range(10) for r in pool.map(_open_cache, [str(tmp_path / str(k))] * 4)]
+    assert results == ["ok"] * 40
