@@ -221,7 +221,7 @@ class StoreWriter:
         if not self.parts.exists() and self.output_complete():
             return self.out
         with _locked(self.parts / "assemble.lock"):
-            if not self.parts.exists() or self.output_complete():  # another process did it
+            if not self.parts.exists():  # another process assembled it (and removed the parts)
                 return self.out
             shards, n_rows, n_failed, hits = self._check_shards()
             tmp = self.out.with_name(f"{self.out.name}.{os.getpid()}.tmp")

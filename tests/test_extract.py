@@ -17,7 +17,7 @@ from featx.taps import TapRecorder, pool
 from featx.sources import folder_source
 from featx.store import FeatureStore, parts_dir
 
-from conftest import small_config
+from conftest import make_image, small_config
 
 
 @pytest.mark.parametrize("name,size,dim", [
@@ -123,6 +123,22 @@ def test_different_settings_refused_unless_overwrite(image_tree, tmp_path, weigh
     r = extract(src, out, small_config(weights_file, pools=("max",)), overwrite=True)
     with FeatureStore(r.out) as fs:
         assert fs.tap_info(fs.default_tap)["pool"] == "max"
+
+
+def test_overwrite_with_the_same_settings_recomputes_and_replaces_the_file(image_tree, tmp_path, weights_file):
+    """--overwrite over a complete file of the same job used to leave the old file (and a
+    parts folder that made the next run a no-op)."""
+    src = folder_source(image_tree, "val")
+    out = tmp_path / "f.h5"
+    extract(src, out, small_config(weights_file, cache=None))
+    make_image(image_tree / src.ids[0], (0, 255, 0), seed=99)  # same name, other pixels
+    for _ in range(2):
+        r = extract(src, out, small_config(weights_file, cache=None), overwrite=True)
+        assert r.units_done > 0 and not r.already_complete
+        assert not parts_dir(out).exists()
+    fresh = extract(src, tmp_path / "fresh.h5", small_config(weights_file, cache=None))
+    with FeatureStore(out) as a, FeatureStore(fresh.out) as b:
+        np.testing.assert_array_equal(a.features(), b.features())
 
 
 KILL_SCRIPT = textwrap.dedent("""
