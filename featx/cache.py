@@ -33,7 +33,7 @@ import numpy as np
 
 # Bump when a change to featx's decoding, preprocessing or pooling code changes the vectors
 # it computes: every older entry then misses.
-FEATURE_CODE_VERSION = 1
+FEATURE_CODE_VERSION = 2  # 2: libjpeg-turbo decoding and resizing on uint8 tensors (featx.decode)
 DEFAULT_DIR = Path("cache") / "features"
 
 _SCHEMA = """
@@ -122,6 +122,16 @@ class FeatureCache:
     def register(self, setting: str, description: dict) -> None:
         self._db.execute("INSERT OR IGNORE INTO settings(setting, description, created) VALUES (?, ?, ?)",
                          (setting, json.dumps(description, sort_keys=True), time.time()))
+
+    def has(self, images: list[str], setting: str) -> set[str]:
+        """Which of ``images`` have a vector for ``setting`` (nothing read, nothing recorded)."""
+        out: set[str] = set()
+        for s in range(0, len(images), 500):
+            chunk = images[s:s + 500]
+            out.update(r[0] for r in self._db.execute(
+                f"SELECT image FROM vectors WHERE setting = ? AND image IN ({','.join('?' * len(chunk))})",
+                [setting, *chunk]))
+        return out
 
     def get(self, images: list[str], setting: str) -> dict[str, np.ndarray]:
         """The cached vectors of ``images`` for one setting (misses are absent)."""

@@ -34,6 +34,10 @@ workers_option = click.option("--workers", type=click.IntRange(min=0), default=N
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                                 show_default=True, help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
+compile_option = click.option(
+    "--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+    help="run the network as a compiled graph cut after the last tap (torch.compile); auto: when there are "
+    "enough images to pay for compiling (docs: README).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True,
                            help="seed of random choices (and of random weights with --weights none).")
 
@@ -88,10 +92,12 @@ def main():
               help="images per work unit (default: 1/64 of the images, at most 4096; rounded up to a multiple of "
               "the batch size): what a process takes at a time and what a rerun after a kill recomputes at most.")
 @click.option("--no-cache", is_flag=True, help="do not use the feature cache ($FEATX_CACHE or cache/features/).")
+@compile_option
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="the .h5 file to write.")
 @click.option("--overwrite", is_flag=True, help="replace an output made with other settings.")
 def extract(data, split, root, backbone, weights, layers, pools, image_size, grayscale, batch_size, workers,
-            device, precision, channels_last, dtype, on_error, max_pixels, seed, unit_size, no_cache, out, overwrite):
+            device, precision, channels_last, dtype, on_error, max_pixels, seed, unit_size, no_cache, compile_mode,
+            out, overwrite):
     """Extract features of the images in DATA (folder, CSV/TSV list, or torchvision:NAME).
 
     Under torchrun every rank takes its share of the work units and rank 0 assembles the
@@ -110,6 +116,7 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
         image_size=image_size, grayscale=grayscale, batch_size=batch_size, workers=workers, device=device,
         precision=precision, channels_last=channels_last, dtype=dtype, on_error=on_error,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, seed=seed, cache=None if no_cache else "auto",
+        compile=compile_mode,
     )
     from featx.distributed import from_env
 
@@ -126,8 +133,9 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
     resumed = f", resumed after {r.resumed_from} items" if r.resumed_from else ""
     rate = (r.n_items - r.resumed_from) / r.seconds if r.seconds else 0
     cached = f", {r.cache_hits} from the cache" if r.cache_hits else ""
+    compiled = ", compiled" if r.compiled else ""
     click.echo(f"wrote {out}: {r.n_rows} rows from {r.n_items} images, {len(r.failed)} failed{cached}"
-               f"{resumed} ({rate:.1f} img/s)")
+               f"{resumed} ({rate:.1f} img/s{compiled})")
     for i, err in r.failed[:10]:
         click.echo(f"  failed: {i}: {err}", err=True)
     if len(r.failed) > 10:
@@ -351,13 +359,14 @@ def evaluate(model, features, report_dir, allow_pickle):
 @batch_option
 @workers_option
 @device_option
+@compile_option
 @click.option("--allow-pickle", is_flag=True, help="accept a joblib/pickle bundle (runs code from the file).")
-def predict(model, inputs, out, sheet, weights, batch_size, workers, device, allow_pickle):
+def predict(model, inputs, out, sheet, weights, batch_size, workers, device, compile_mode, allow_pickle):
     """Classify images (a folder, a CSV list, or image files) with MODEL."""
     from featx.predict import predict_images, write_predictions, write_sheet
 
     res = predict_images(model, list(inputs), weights=weights, batch_size=batch_size, workers=workers,
-                         device=device, allow_pickle=allow_pickle)
+                         device=device, allow_pickle=allow_pickle, compile=compile_mode)
     write_predictions(out, res)
     n_ok = sum(1 for r in res.rows if r["error"] is None)
     click.echo(f"wrote {out}: {n_ok} images classified, {len(res.rows) - n_ok} failed")
@@ -393,10 +402,11 @@ def predict(model, inputs, out, sheet, weights, batch_size, workers, device, all
 @batch_option
 @workers_option
 @device_option
+@compile_option
 @seed_option
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="output directory.")
 def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train_split, val_split, val_fraction,
-          max_per_class, root, image_size, batch_size, workers, device, seed, out):
+          max_per_class, root, image_size, batch_size, workers, device, compile_mode, seed, out):
     """Probe every tap x pooling with a linear classifier; table, plot and advice in OUT."""
     from featx import sweep as sw
     from featx.store import FeatureStore
@@ -413,7 +423,8 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
             check_pool(p)
         _, advice = sw.sweep_images(data, out, backbone, weights, list(taps), list(pools), train_split,
                                     val_split, max_per_class, image_size, root, seed,
-                                    {"batch_size": batch_size, "workers": workers, "device": device},
+                                    {"batch_size": batch_size, "workers": workers, "device": device,
+                                     "compile": compile_mode},
                                     progress=show, val_fraction=val_fraction, log=lambda s: click.echo(s, err=True))
     else:
         with FeatureStore(train_path) as tr:
@@ -458,12 +469,15 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @workers_option
 @device_option
+@click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help="train through a compiled graph (torch.compile); auto: when the run trains "
+              "on enough images (training images x epochs) to pay for compiling (docs: README).")
 @seed_option
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="run directory.")
 def finetune(data, split, val_split, val_fraction, root, backbone, weights, unfreeze, head, epochs, warmup_epochs, lr,
-             backbone_lr_mult, optimizer, label_smoothing, augment, image_size, batch_size, workers, device, seed,
-             resume, out):
+             backbone_lr_mult, optimizer, label_smoothing, augment, image_size, batch_size, workers, device,
+             compile_mode, seed, resume, out):
     """Fine-tune BACKBONE on DATA: a new head, plus the last N blocks (or all)."""
     from featx.finetune import FinetuneConfig
     from featx.finetune import finetune as run
@@ -479,7 +493,8 @@ def finetune(data, split, val_split, val_fraction, root, backbone, weights, unfr
     config = FinetuneConfig(backbone=backbone, weights=weights, unfreeze=unfreeze, head=head, epochs=epochs,
                             warmup_epochs=warmup_epochs, lr=lr, backbone_lr_mult=backbone_lr_mult,
                             optimizer=optimizer, label_smoothing=label_smoothing, augment=augment,
-                            image_size=image_size, batch_size=batch_size, workers=workers, device=device, seed=seed)
+                            image_size=image_size, batch_size=batch_size, workers=workers, device=device, seed=seed,
+                            compile=compile_mode)
     r = run(train, val, out, config, resume=resume, log=click.echo)
     click.echo(f"weights: {r['weights']} (+ backbone.json); metrics: {out}/metrics.csv, {out}/training_curves.png")
 

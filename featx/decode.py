@@ -4,12 +4,21 @@ Extraction, prediction, fine-tuning and its validation all decode here, with the
 guards: a decompression-bomb limit, truncated files as failures, EXIF orientation, alpha on
 white, 16-bit scaled, and libjpeg's reduced-scale decoding of large JPEGs.
 
+JPEG files of ordinary size are decoded by torchvision's libjpeg-turbo (``decode_jpeg``),
+and every image is resized as a uint8 tensor: together about 1.8x the images/s of Pillow
+decoding and resizing (BENCHMARKS.md, ``bench_extract``), with pixels within one grey
+level of Pillow's.  Pillow keeps everything else: large JPEGs (its reduced-scale decoding
+is faster), other formats and modes, and any file torchvision complains about (so a
+truncated file still fails).  torchvision 0.29 deprecates its image decoders for
+TorchCodec; where they are gone, Pillow decodes everything (slower, the same pixels).
+
 :class:`Decoded` returns a decode error as a value (never raised inside a DataLoader worker,
 never replaced by a neighbouring image), so rows stay aligned with their ids.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -18,6 +27,11 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
+
+try:  # deprecated in torchvision 0.29 in favour of TorchCodec; Pillow takes over once it is gone
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - a future torchvision
+    decode_jpeg = None
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -51,9 +65,7 @@ def open_rgb(source, i: int, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXE
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = source.open(i)
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds the limit of {max_pixels}")
+        _check_size(*img.size, max_pixels)
         if pre.jpeg_draft and img.format == "JPEG":
             # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying >= the target size
             img.draft("RGB", (pre.resize, pre.resize))
@@ -64,10 +76,37 @@ def open_rgb(source, i: int, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXE
     return img
 
 
-def resize_crop(img: Image.Image, pre: Preprocess) -> Image.Image:
-    """The evaluation geometry: shorter side to ``pre.resize``, centre crop ``pre.crop``."""
+def resize_crop(img, pre: Preprocess):
+    """The evaluation geometry: shorter side to ``pre.resize``, centre crop ``pre.crop``
+    (of a PIL image, or of a uint8 tensor: faster)."""
     img = TF.resize(img, pre.resize, interpolation=InterpolationMode(pre.interpolation), antialias=True)
     return TF.center_crop(img, pre.crop)
+
+
+def _check_size(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds the limit of {max_pixels}")
+
+
+def jpeg_tensor(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
+    """A JPEG file's bytes decoded by libjpeg-turbo to a uint8 RGB tensor, EXIF orientation
+    applied; None where Pillow should decode instead (not a plain RGB or grey JPEG, gray
+    wanted, a reduced-scale decode possible, or any complaint from the decoder)."""
+    if decode_jpeg is None or pre.grayscale or data[:3] != b"\xff\xd8\xff":
+        return None
+    with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        (w, h), mode = img.size, img.mode
+    _check_size(w, h, max_pixels)
+    if mode not in ("RGB", "L") or (pre.jpeg_draft and min(w, h) >= 2 * pre.resize):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "premature end of data" and the like: let Pillow judge
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # see the import
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                               apply_exif_orientation=True)
+        except Exception:  # noqa: BLE001 - Pillow decodes it or reports the failure
+            return None
 
 
 @dataclass
@@ -98,9 +137,13 @@ class Decoded(torch.utils.data.Dataset):
         return len(self.source)
 
     def load(self, i: int, epoch: int = 0) -> torch.Tensor:
-        img = open_rgb(self.source, i, self.pre, self.max_pixels)
         if self.transform is None:
-            return TF.pil_to_tensor(resize_crop(img, self.pre))
+            data = self.source.read_bytes(i)
+            x = jpeg_tensor(data, self.pre, self.max_pixels) if data is not None else None
+            if x is None:
+                x = TF.pil_to_tensor(open_rgb(self.source, i, self.pre, self.max_pixels))
+            return resize_crop(x, self.pre)
+        img = open_rgb(self.source, i, self.pre, self.max_pixels)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
             return TF.pil_to_tensor(self.transform(img))

@@ -17,6 +17,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,10 +26,12 @@ from tqdm.auto import tqdm
 
 from featx import registry
 from featx.cache import FeatureCache, setting_digest
+from featx.cache import default_location as default_cache_location
 from featx.decode import DEFAULT_MAX_PIXELS, Decoded, collate
 from featx.device import autocast_dtype, resolve_device
 from featx.distributed import World, agree, barrier, broadcast, cpu_share, device_spec, session
 from featx.errors import FeatxError
+from featx.graph import COMPILE_MODES, CompiledTaps, compile_taps, inductor_cache, should_compile, should_freeze
 from featx.preprocess import Normalizer, Preprocess
 from featx.sources import Source, source_fingerprint
 from featx.store import FeatureStore, StoreWriter, make_header
@@ -59,6 +62,7 @@ class ExtractConfig:
     preprocessing: str | None = None  # a Preprocess as JSON: replaces the weights' own (predict)
     seed: int = 0  # initialisation of random weights (weights="none")
     cache: str | None = "auto"  # feature cache: auto ($FEATX_CACHE or cache/features/), a folder, or None
+    compile: str = "auto"  # auto (when enough images: graph.AUTO_MIN_IMAGES) | on | off
 
 
 class FeatureExtractor:
@@ -99,6 +103,26 @@ class FeatureExtractor:
         self.normalize = Normalizer(self.pre, self.device, c.channels_last)
         self.nhwc = registry.family_of(c.backbone).nhwc
         self._dims: dict[str, int] | None = None
+        if c.compile not in COMPILE_MODES:
+            raise FeatxError(f"--compile {c.compile!r} is not one of {', '.join(COMPILE_MODES)}.")
+        self.compiled: CompiledTaps | None = None
+        self._compile_decided = False
+
+    def prepare(self, n_images: int) -> None:
+        """Compile the tap-cut graph when ``config.compile`` says so for ``n_images`` images
+        (once; a failure leaves the eager path, with one warning)."""
+        if self._compile_decided or not should_compile(self.config.compile, self.device, n_images):
+            return
+        self._compile_decided = True
+        self.dims()  # measured eagerly, before the graph exists
+        inductor_cache(Path(default_cache_location()) / "inductor")
+        example = self.normalize(torch.zeros(1, 3, self.pre.crop, self.pre.crop, dtype=torch.uint8))
+        with torch.inference_mode(), self._autocast():
+            self.compiled = compile_taps(self.model, self.taps, self.nhwc, self.config.batch_size, example,
+                                         freeze=should_freeze(self.config.backbone, self.pre.crop, n_images))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
     def __call__(self, x: torch.Tensor, taps: list[str] | None = None) -> dict[str, np.ndarray]:
         """Features of a uint8 batch (N, 3, H, W) for every tap (or the named ones: the
@@ -106,16 +130,32 @@ class FeatureExtractor:
         wanted = self.taps if taps is None else {t: self.taps[t] for t in taps}
         with torch.inference_mode():
             x = self.normalize(x)
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                with TapRecorder(self.model, wanted, self.nhwc) as rec:
-                    out = rec.run(x)
+            with self._autocast():
+                out = self._compiled(x, wanted) if self.compiled is not None else None
+                if out is None:
+                    with TapRecorder(self.model, wanted, self.nhwc) as rec:
+                        out = rec.run(x)
             return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+    def _compiled(self, x: torch.Tensor, wanted: dict) -> dict | None:
+        """The compiled graph's taps (it computes all of them); None, with one warning, and
+        eager from then on, if it fails at run time."""
+        try:
+            return {k: v for k, v in self.compiled(x).items() if k in wanted}
+        except Exception as e:  # noqa: BLE001 - e.g. a recompile the compiler cannot do
+            warnings.warn(f"the compiled network failed ({type(e).__name__}: {str(e)[:200]}); running it eagerly.",
+                          stacklevel=3)
+            self.compiled = None
+            return None
 
     def cache_settings(self) -> dict[str, dict]:
         """Per stored tap, everything that decides its vectors: the feature cache's settings.
 
         The weights enter by their sha256 (a renamed weights file still hits); device,
-        precision, memory layout and torch's version enter because they change the last bits.
+        precision, memory layout and torch's version enter because they change the last bits
+        (``cache.FEATURE_CODE_VERSION`` covers featx's own decoding and pooling code).
+        Compiled and eager vectors share a setting (they agree to cosine > 0.9999), so
+        ``--compile auto`` choosing differently for a small rerun still hits.
         """
         c = self.config
         common = {"backbone": c.backbone, "weights_sha256": self.weights.sha256, "preprocessing": self.pre.to_json(),
@@ -150,7 +190,7 @@ class FeatureExtractor:
             **({"weights_seed": w.seed} if w.seed is not None else {}),
             "taps": self.taps, "pooling": {name: p for name, (_, p) in self.taps.items()},
             "preprocessing": self.pre.to_json(),
-            "precision": str(self.amp or "float32").replace("torch.", ""),
+            "precision": str(self.amp or "float32").replace("torch.", ""), "compile": c.compile,
             "torch_version": str(torch.__version__), "torchvision_version": torchvision.__version__,
             "source": source.describe(),
         }
@@ -225,6 +265,7 @@ class ExtractResult:
     already_complete: bool = False
     units_done: int = 0  # work units this process extracted
     cache_hits: int = 0  # rows whose features came from the feature cache (all processes)
+    compiled: bool = False  # this process ran the compiled graph (--compile)
 
 
 MAX_UNIT_ITEMS = 4096  # a killed process loses at most this much work
@@ -319,7 +360,7 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
             if writer.output_complete():
                 n_rows, failed, hits = _summary_of(out)
         return ExtractResult(str(out), len(source), n_rows, failed, done, time.perf_counter() - t0,
-                             units_done=len(mine), cache_hits=hits)
+                             units_done=len(mine), cache_hits=hits, compiled=extractor.compiled is not None)
 
 
 class _Plan:
@@ -352,6 +393,10 @@ def _run_units(source: Source, extractor: FeatureExtractor, writer: StoreWriter,
                cache: FeatureCache | None, progress) -> tuple[list, int]:
     """Extract ``units`` (asking the cache first) and hand each finished unit to the writer."""
     lookup = _CacheLookup(source, extractor, cache)
+    if extractor.config.compile == "auto":  # compile for the images the network must see
+        extractor.prepare(lookup.count_todo(units))
+    else:
+        extractor.prepare(sum(len(u) for u in units))
     plan = _Plan(source, units, extractor.config.batch_size, lookup)
     failed, hits_total = [], 0
     acc: dict[str, dict] = {"feats": {}, "bad": {}}
@@ -410,6 +455,7 @@ class _CacheLookup:
                 self.settings[tap] = setting_digest(desc)
                 self._guard(cache.register, self.settings[tap], desc)
         self.pool = ThreadPoolExecutor(4) if cache is not None else None  # hashing releases the GIL
+        self.keys: dict[int, list] = {}  # unit start -> content keys, when counted ahead
 
     def _guard(self, fn, *args):
         try:
@@ -419,10 +465,30 @@ class _CacheLookup:
             self.cache = None
             return None
 
+    def _keys(self, unit: range) -> list:
+        keys = self.keys.pop(unit.start, None)
+        return keys if keys is not None else list(self.pool.map(self.source.content_key, unit))
+
+    def count_todo(self, units: list[range]) -> int:
+        """How many of the units' images the network must see (a first pass over the keys)."""
+        total = sum(len(u) for u in units)
+        if self.cache is None:
+            return total
+        done = 0
+        for unit in units:
+            keys = self.keys[unit.start] = self._keys(unit)
+            known = [k for k in keys if k is not None]
+            present = [self._guard(self.cache.has, known, s) if self.cache is not None else None
+                       for s in self.settings.values()]
+            if any(p is None for p in present):
+                return total
+            done += sum(1 for k in keys if k is not None and all(k in p for p in present))
+        return total - done
+
     def __call__(self, unit: range) -> tuple[list, dict]:
         if self.cache is None:
             return [], {}
-        keys = list(self.pool.map(self.source.content_key, unit))
+        keys = self._keys(unit)
         known = [k for k in keys if k is not None]
         hits = {}
         for tap, setting in self.settings.items():

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from featx import plots
 from featx.decode import Decoded, collate
 from featx.device import autocast_dtype, resolve_device
 from featx.errors import FeatxError
+from featx.graph import AUTO_MIN_TRAIN_IMAGES, COMPILE_MODES, should_compile
 from featx.heads import Head, apply_freeze, replace_head, train_mode, trainable_prefixes
 from featx.preprocess import Normalizer, Preprocess
 from featx.sources import Source
@@ -65,6 +67,7 @@ class FinetuneConfig:
     workers: int | None = None
     device: str = "auto"
     seed: int = 0
+    compile: str = "auto"  # the training step through torch.compile: auto (long runs) | on | off
 
 
 def transforms(pre: Preprocess, augment: str | bool):
@@ -127,6 +130,8 @@ def _check(train: Source, val: Source | None, c: FinetuneConfig) -> None:
         raise FeatxError(f"--augment {c.augment!r} is not one of {', '.join(AUGMENTS)}.")
     if c.optimizer not in OPTIMIZERS:
         raise FeatxError(f"--optimizer {c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}.")
+    if c.compile not in COMPILE_MODES:
+        raise FeatxError(f"--compile {c.compile!r} is not one of {', '.join(COMPILE_MODES)}.")
 
 
 def _seed_all(seed: int) -> None:
@@ -158,6 +163,10 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
         self.train_loader = self._loader(train, transforms(self.pre, c.augment) if c.augment != "none" else None, True)
         self.val_loader = self._loader(val, None, False) if val is not None else None
+        # The training forward (and so its backward) as a compiled graph; the model itself
+        # stays the eager module: its state_dict, validation and export are unchanged.
+        self.compiled = should_compile(c.compile, self.device, len(train) * c.epochs, AUTO_MIN_TRAIN_IMAGES)
+        self.forward = torch.compile(self.model) if self.compiled else self.model
 
     def _optimizer(self):
         c, head = self.config, self.head.module
@@ -200,11 +209,17 @@ class Trainer:
             for g, lr0 in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = lr0 * factor
             y = torch.as_tensor(self.train_src.labels[good], device=self.device)
-            with self._autocast():
-                logits = self.model(self.normalize(x))
-                loss = self.loss_fn(logits.float(), y)
             self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            try:
+                logits, loss = self._step(x, y)
+            except Exception as e:  # noqa: BLE001 - a compiler failure: this step again, eagerly
+                if self.forward is self.model:
+                    raise
+                warnings.warn(f"compiling the training step failed ({type(e).__name__}: {str(e)[:200]}); "
+                              f"training eagerly.", stacklevel=2)
+                self.forward, self.compiled = self.model, False
+                self.opt.zero_grad(set_to_none=True)
+                logits, loss = self._step(x, y)
             self.scaler.step(self.opt)
             self.scaler.update()
             step += 1
@@ -216,6 +231,14 @@ class Trainer:
         row = {"epoch": epoch + 1, "phase": "head" if head_only else f"unfreeze {c.unfreeze}",
                "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
         return row, step
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one batch; returns the logits and the loss."""
+        with self._autocast():
+            logits = self.forward(self.normalize(x))
+            loss = self.loss_fn(logits.float(), y)
+        self.scaler.scale(loss).backward()
+        return logits, loss
 
     def validate(self) -> tuple[float, float]:
         """Loss and accuracy on the validation images (plain resize + centre crop)."""
@@ -266,7 +289,7 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
     _check(train, val, c)
     out = Path(out)
     ckpt_path = out / "checkpoint.pt"
-    cfg_json = json.dumps(asdict(c), sort_keys=True)
+    cfg_json = json.dumps({k: v for k, v in asdict(c).items() if k != "compile"}, sort_keys=True)  # same maths
     if not resume and ckpt_path.exists():
         raise FeatxError(f"{out} holds a run already; use --resume to continue it, or another --out.")
     if resume and not ckpt_path.exists():

@@ -63,17 +63,19 @@ def _weights_for(meta: dict, override: str | None) -> str:
 
 
 def predict_images(model: str, inputs: list[str], weights: str | None = None, batch_size: int | None = None,
-                   workers: int | None = None, device: str = "auto", allow_pickle: bool = False) -> PredictResult:
+                   workers: int | None = None, device: str = "auto", allow_pickle: bool = False,
+                   compile: str = "auto") -> PredictResult:
     """Extract features of ``inputs`` as the bundle says and classify them."""
     if str(model).endswith((".pt", ".pth")):
-        return predict_with_network(model, inputs, batch_size, workers, device)
+        return predict_with_network(model, inputs, batch_size, workers, device, compile)
     b = bundle_io.load(model, allow_pickle=allow_pickle)
     m = b.meta
     config = ExtractConfig(backbone=m["backbone"], weights=_weights_for(m, weights), layers=(m["layer"],),
                            pools=(m["pool"],), preprocessing=m.get("preprocessing"), batch_size=batch_size,
-                           workers=workers, device=device, seed=m.get("weights_seed") or 0)
+                           workers=workers, device=device, seed=m.get("weights_seed") or 0, compile=compile)
     source = _open_inputs(inputs)
     extractor = FeatureExtractor(config)
+    extractor.prepare(len(source))
     if m.get("weights_sha256") and extractor.weights.sha256 != m["weights_sha256"]:
         raise FeatxError(f"weights {extractor.weights.id} (sha256 {extractor.weights.sha256[:12]}) are not the ones "
                          f"the model was trained with (sha256 {m['weights_sha256'][:12]}).")
@@ -114,7 +116,7 @@ def _classify_all(source, extractor, tap: str, classes: list[str], classify) -> 
 
 
 def predict_with_network(weights_file: str, inputs, batch_size=None, workers=None,
-                         device: str = "auto") -> PredictResult:
+                         device: str = "auto", compile: str = "auto") -> PredictResult:
     """Classify with a fine-tuned network's own head (``featx finetune``'s backbone.pt).
 
     ``inputs`` is a list of paths (as for the CLI) or a source.
@@ -123,8 +125,9 @@ def predict_with_network(weights_file: str, inputs, batch_size=None, workers=Non
     logits = meta["logits_module"]
     source = _open_inputs(inputs) if isinstance(inputs, (list, tuple)) else inputs
     config = ExtractConfig(backbone=meta["backbone"], weights=weights_file, layers=(logits,), pools=("avg",),
-                           batch_size=batch_size, workers=workers, device=device)
+                           batch_size=batch_size, workers=workers, device=device, compile=compile)
     extractor = FeatureExtractor(config)
+    extractor.prepare(len(source))
 
     def classify(scores):
         p = np.exp(scores - scores.max(1, keepdims=True))

