@@ -7,6 +7,7 @@ when a test needs the same weights twice), images are generated in tmp_path.
 from __future__ import annotations
 
 import os
+import shutil
 import zlib
 from pathlib import Path
 
@@ -109,3 +110,9 @@ def run_cli():
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+# torch.compile's CPU backend builds C++ kernels: without a compiler featx runs eagerly (and
+# tests/test_graph.py checks that fallback); the tests of compiled results need one.
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+                                    reason="no C++ compiler for torch.compile")

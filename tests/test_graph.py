@@ -12,7 +12,7 @@ from featx.extract import FeatureExtractor
 from featx.graph import TapNet, gflop_per_image, should_compile, should_freeze
 from featx.store import FeatureStore
 
-from conftest import make_image, small_config
+from conftest import make_image, needs_compiler, small_config
 
 
 def cosines(a: dict, b: dict) -> dict[str, float]:
@@ -39,6 +39,7 @@ def test_the_graph_is_cut_after_the_deepest_tap():
     assert out["a"].shape == (2, 24) and out["b"].shape == (2, 32 * 4)
 
 
+@needs_compiler
 @pytest.mark.parametrize("name, size, n_images, frozen", [("resnet50", 64, 1, False), ("vgg16", 32, 10**6, True)])
 def test_compiled_equals_eager_on_random_weights(name, size, n_images, frozen):
     """resnet50 as a small job (BatchNorm folded, not frozen), vgg16 as a large one (frozen);
@@ -68,6 +69,7 @@ def _real_weights() -> Path:
     return Path(m.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
 
 
+@needs_compiler
 def test_compiled_extraction_equals_eager_on_every_tap_with_real_weights(tmp_path, run_cli):
     """Real ImageNet MobileNetV2, every block tapped, through the CLI: --compile on vs off."""
     from sklearn.datasets import load_sample_image
