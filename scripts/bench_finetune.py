@@ -89,7 +89,7 @@ def main() -> None:
 
 mobilenet_v2 from ImageNet weights (IMAGENET1K_V1), `--unfreeze {a.unfreeze}`, {a.image_size} px,
 {a.epochs} epochs ({a.warmup_epochs} head-only), AdamW, head lr {a.lr:g}, backbone lr x {a.backbone_lr_mult:g},
-label smoothing {a.label_smoothing:g}, batch {a.batch_size}, `--augment {a.augment}`; 55,000 training images,
+label smoothing {a.label_smoothing:g}, batch {a.batch_size}, `--augment {a.augment}`, `--compile {a.compile}`; 55,000 training images,
 5,000 held out for model selection. Machine: {machine()}.
 
 **Test accuracy {acc:.4f}** on the 10,000 test images, whole run {wall / 60:.1f} min (training,
