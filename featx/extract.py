@@ -393,10 +393,9 @@ def _run_units(source: Source, extractor: FeatureExtractor, writer: StoreWriter,
                cache: FeatureCache | None, progress) -> tuple[list, int]:
     """Extract ``units`` (asking the cache first) and hand each finished unit to the writer."""
     lookup = _CacheLookup(source, extractor, cache)
-    if extractor.config.compile == "auto":  # compile for the images the network must see
-        extractor.prepare(lookup.count_todo(units))
-    else:
-        extractor.prepare(sum(len(u) for u in units))
+    todo = lookup.count_todo(units)  # compile for the images the network must see, if any
+    if todo:
+        extractor.prepare(todo)
     plan = _Plan(source, units, extractor.config.batch_size, lookup)
     failed, hits_total = [], 0
     acc: dict[str, dict] = {"feats": {}, "bad": {}}

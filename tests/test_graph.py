@@ -131,3 +131,26 @@ def test_auto_compiles_only_jobs_large_enough():
     cpu = torch.device("cpu")
     assert not should_compile("auto", cpu, 100) and should_compile("auto", cpu, 50_000)
     assert should_compile("on", cpu, 1) and not should_compile("off", cpu, 10**9)
+
+
+def test_an_unknown_compile_mode_is_one_sentence(run_cli, tmp_path):
+    from featx.errors import FeatxError
+    from featx.finetune import FinetuneConfig, _check
+
+    with pytest.raises(FeatxError, match="--compile 'fast' is not one of auto, on, off"):
+        FeatureExtractor(small_config(compile="fast"))
+    with pytest.raises(FeatxError, match="--compile 'fast' is not one of auto, on, off"):
+        _check(type("S", (), {"__len__": lambda s: 2, "labels": np.array([0, 1])})(), None, FinetuneConfig(compile="fast"))
+    r = run_cli("extract", tmp_path, "--compile", "fast", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 2 and "'fast' is not one of 'auto', 'on', 'off'" in r.output
+
+
+def test_nothing_is_compiled_when_every_row_comes_from_the_cache(image_tree, tmp_path):
+    """--compile on compiles for the images the network must see: none on an all-hits rerun."""
+    from featx.extract import extract
+    from featx.sources import folder_source
+
+    src = folder_source(image_tree, "val")
+    first = extract(src, tmp_path / "a.h5", small_config())
+    again = extract(src, tmp_path / "b.h5", small_config(compile="on"))
+    assert not first.compiled and again.cache_hits == len(src) and not again.compiled
