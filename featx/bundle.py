@@ -20,6 +20,7 @@ import sklearn
 from sklearn.pipeline import Pipeline
 
 from featx.errors import FeatxError
+from featx.files import atomic_path, os_error
 from featx.store import featx_version
 
 BUNDLE_VERSION = 1
@@ -50,20 +51,18 @@ class Bundle:
 def save(path: str | os.PathLike, pipeline: Pipeline, meta: dict, use_pickle: bool = False) -> Path:
     """Write a bundle; ``use_pickle`` switches from skops to joblib (unsafe to load)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "bundle_version": BUNDLE_VERSION, "featx_version": featx_version(),
             "sklearn_version": sklearn.__version__}
     payload = {"featx_bundle": BUNDLE_VERSION, "meta": json.dumps(meta), "pipeline": pipeline}
-    tmp = path.with_name(path.name + ".tmp")
-    if use_pickle:
-        import joblib
+    with atomic_path(path) as tmp:
+        if use_pickle:
+            import joblib
 
-        joblib.dump(payload, tmp)
-    else:
-        import skops.io as sio
+            joblib.dump(payload, tmp)
+        else:
+            import skops.io as sio
 
-        sio.dump(payload, tmp)
-    os.replace(tmp, path)
+            sio.dump(payload, tmp)
     return path
 
 
@@ -74,7 +73,13 @@ def load(path: str | os.PathLike, allow_pickle: bool = False) -> Bundle:
         raise FeatxError(f"model bundle {path} does not exist.")
     import zipfile
 
-    if zipfile.is_zipfile(path):
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise os_error(e, "read", path) from None
+    if is_zip:
         import skops.io as sio
 
         try:
@@ -87,13 +92,24 @@ def load(path: str | os.PathLike, allow_pickle: bool = False) -> Bundle:
                 f"refusing to load {path}: it contains types outside featx's allow-list "
                 f"({', '.join(refused[:5])}); nothing in it was run."
             )
-        payload = sio.load(path, trusted=list(untrusted))
+        try:
+            payload = sio.load(path, trusted=list(untrusted))
+        except Exception as e:  # noqa: BLE001 - a damaged member inside a well-formed zip
+            raise FeatxError(f"{path} is a damaged skops bundle ({type(e).__name__}); fit the model again.") from None
+    elif magic.startswith(b"PK"):  # a zip file whose directory is gone: cut short
+        raise FeatxError(f"{path} is a damaged skops bundle (cut short: a copy or a save that did not finish?); "
+                         "fit the model again.")
+    elif not magic.startswith(b"\x80"):  # every pickle protocol >= 2 starts with the PROTO opcode
+        raise FeatxError(f"{path} is not a featx model bundle (a .skops file written by `featx fit`).")
     elif allow_pickle:
         import joblib
 
         warnings.warn(f"loading {path} with pickle: this runs any code the file contains; "
                       "only do it for files you made yourself.", stacklevel=2)
-        payload = joblib.load(path)
+        try:
+            payload = joblib.load(path)
+        except (EOFError, ValueError) as e:
+            raise FeatxError(f"{path} is a damaged pickle bundle ({type(e).__name__}); fit the model again.") from None
     else:
         raise FeatxError(
             f"{path} is not a skops bundle; if it is a joblib/pickle bundle you made yourself, "

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from featx import registry
+from featx.errors import root_cause
 from featx.taps import pool
 
 COMPILE_MODES = ("auto", "on", "off")
@@ -115,9 +116,7 @@ def compile_taps(model: nn.Module, taps: dict[str, tuple[str, str]], nhwc: str |
     try:
         return CompiledTaps(model, taps, nhwc, batch_size, example, freeze)
     except Exception as e:  # noqa: BLE001 - any failure means: run eager
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        warnings.warn(f"compiling the network failed ({type(e).__name__}: {first[:200]}); running it eagerly.",
-                      stacklevel=2)
+        warnings.warn(f"compiling the network failed ({root_cause(e)}); running it eagerly.", stacklevel=2)
         return None
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.files import atomic_path
+
 
 def _pyplot():
     import matplotlib
@@ -23,10 +25,12 @@ def _pyplot():
 
 def _save(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        _pyplot().close(fig)
     return path
 
 

@@ -183,7 +183,8 @@ def resolve_tap(name: str, model: nn.Module, tap: str) -> str:
 # ----------------------------------------------------------------------------- building
 
 
-def build(name: str, num_classes: int | None = None, state: dict | None = None, entry=None) -> nn.Module:
+def build(name: str, num_classes: int | None = None, state: dict | None = None, entry=None,
+          origin: str = "these weights") -> nn.Module:
     """Build ``name``: random weights, or ``state`` loaded into a model shaped to receive it.
 
     Args:
@@ -191,6 +192,7 @@ def build(name: str, num_classes: int | None = None, state: dict | None = None, 
         num_classes: outputs of the classifier (default: torchvision's, 1000).
         state: a state dict to load.
         entry: the torchvision weights entry the state comes from (ViT's image size).
+        origin: where the state comes from, for the sentence that refuses it.
     """
     kwargs = {}
     if num_classes is not None:
@@ -206,16 +208,40 @@ def build(name: str, num_classes: int | None = None, state: dict | None = None, 
         warnings.simplefilter("ignore")
         model = get_model(name, weights=None, **kwargs)
     if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise FeatxError(f"these weights do not fit backbone {name}: {str(e).splitlines()[0]}") from None
+        load_state(model, state, f"{origin} do not fit backbone {name}")
     if getattr(model, "aux_logits", False):
         model.aux_logits = False
         for aux in ("AuxLogits", "aux1", "aux2"):
             if hasattr(model, aux):
                 setattr(model, aux, None)
     return model
+
+
+def load_state(model: nn.Module, state: dict, what: str) -> None:
+    """``model.load_state_dict(state)``; a state of another architecture is refused in one
+    sentence that says how it differs (torch's own message lists every key on many lines)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise FeatxError(f"{what}: {state_mismatch(model, state)}.") from None
+
+
+def state_mismatch(model: nn.Module, state: dict) -> str:
+    """How ``state`` differs from what ``model`` holds: missing, foreign and misshapen tensors."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    foreign = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(own[k].shape) != tuple(state[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(own)} tensors are not in the file (e.g. {missing[0]})")
+    if foreign:
+        parts.append(f"{len(foreign)} of the file's {len(state)} tensors are not the model's (e.g. {foreign[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} have another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                     f"{tuple(own[k].shape)} in the model)")
+    return "; ".join(parts) or "the tensors do not load"
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from torchvision.models import get_model_weights
 
 from featx import registry
 from featx.errors import FeatxError
+from featx.files import atomic_open, os_error, write_text
 from featx.heads import replace_head
 from featx.preprocess import Preprocess
 
@@ -188,18 +189,14 @@ def _load_file(name: str, weights: Weights) -> tuple[nn.Module, Weights]:
     if meta and meta.get("head") == "mlp":  # a fine-tuned MLP head has extra layers
         model = registry.build(name)
         replace_head(model, meta["num_classes"], "mlp", meta.get("hidden", 512))
-        try:
-            model.load_state_dict(obj)
-        except RuntimeError as e:
-            raise FeatxError(f"weights file {weights.path} does not fit backbone {name}: "
-                             f"{str(e).splitlines()[0]}") from None
+        registry.load_state(model, obj, f"the tensors of {weights.path} do not fit backbone {name}")
         return model.eval(), loaded
     num_classes = None
     for key in reversed(list(obj)):
         if key.endswith("weight") and obj[key].ndim == 2:  # the last Linear: the head
             num_classes = obj[key].shape[0]
             break
-    return registry.build(name, num_classes, obj, loaded.enum).eval(), loaded
+    return registry.build(name, num_classes, obj, loaded.enum, origin=f"the tensors of {weights.path}").eval(), loaded
 
 
 def preprocess_for(name: str, weights: Weights, image_size: int | None = None, grayscale: bool = False) -> Preprocess:
@@ -245,14 +242,44 @@ def import_weights(path: str | os.PathLike) -> Path:
     check_file_hash(path)
     read_tensors(path)
     dest = hub_checkpoint_dir() / path.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".partial")
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, dest)
+    try:
+        with open(path, "rb") as src, atomic_open(dest, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+    except OSError as e:
+        raise os_error(e, "read", path) from None
     return dest
 
 
 # ----------------------------------------------------------------------------- fine-tuned networks
+
+
+def save_tensors(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` through a temporary file renamed into place: a full disk or a kill
+    leaves the previous file whole, and the error is the disk's, in one sentence."""
+
+    class Recorder:  # torch turns an error of the file into its own RuntimeError: keep the cause
+        def __init__(self, f):
+            self.f, self.error = f, None
+
+        def write(self, b):
+            try:
+                return self.f.write(b)
+            except OSError as e:
+                self.error = e
+                raise
+
+        def flush(self):
+            self.f.flush()
+
+    with atomic_open(path, "wb") as f:
+        out = Recorder(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+    return Path(path)
 
 
 def save_finetuned(directory: Path, state: dict, meta: dict) -> Path:
@@ -260,10 +287,8 @@ def save_finetuned(directory: Path, state: dict, meta: dict) -> Path:
     ``backbone.json`` (the metadata, for people); each replaced atomically."""
     meta = {"featx": FINETUNED, **meta}
     path = directory / "backbone.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in state.items()}, "featx": meta}, tmp)
-    os.replace(tmp, path)
-    (directory / "backbone.json").write_text(json.dumps(meta, indent=1))
+    save_tensors({"state_dict": {k: v.detach().cpu() for k, v in state.items()}, "featx": meta}, path)
+    write_text(directory / "backbone.json", json.dumps(meta, indent=1))
     return path
 
 
