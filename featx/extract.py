@@ -30,12 +30,13 @@ from featx.cache import default_location as default_cache_location
 from featx.decode import DEFAULT_MAX_PIXELS, Decoded, collate
 from featx.device import autocast_dtype, resolve_device
 from featx.distributed import World, agree, barrier, broadcast, cpu_share, device_spec, session
-from featx.errors import FeatxError
+from featx.errors import FeatxError, root_cause
+from featx.files import check_output, os_error
 from featx.graph import COMPILE_MODES, CompiledTaps, compile_taps, inductor_cache, should_compile, should_freeze
 from featx.preprocess import Normalizer, Preprocess
 from featx.sources import Source, source_fingerprint
 from featx.store import FeatureStore, StoreWriter, make_header
-from featx.taps import TapRecorder, check_pool
+from featx.taps import TapRecorder, check_pool, map_sizes
 from featx.weights import load_backbone, preprocess_for, resolve_weights
 
 
@@ -63,6 +64,7 @@ class ExtractConfig:
     seed: int = 0  # initialisation of random weights (weights="none")
     cache: str | None = "auto"  # feature cache: auto ($FEATX_CACHE or cache/features/), a folder, or None
     compile: str = "auto"  # auto (when enough images: graph.AUTO_MIN_IMAGES) | on | off
+    small_maps: str = "refuse"  # a gridK tap whose map is smaller than KxK: refuse | skip (sweep: leave it out)
 
 
 class FeatureExtractor:
@@ -73,7 +75,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, config: ExtractConfig, world: World = World()):
-        self.config = c = config
+        self.config = c = replace(config)  # a copy: the defaults filled in below are this extractor's
         self.world = world
         registry.check_backbone(c.backbone)
         for p in c.pools:
@@ -90,6 +92,7 @@ class FeatureExtractor:
         self.layers = list(dict.fromkeys(layers))
         multi = len(c.pools) > 1
         self.taps = {(f"{layer}@{p}" if multi else layer): (layer, p) for layer in self.layers for p in c.pools}
+        self.skipped = self._fit_grids(model)  # gridK taps on maps smaller than KxK, when small_maps="skip"
         self.default_tap = next(iter(self.taps))
         for p in model.parameters():
             p.requires_grad_(False)
@@ -107,6 +110,28 @@ class FeatureExtractor:
             raise FeatxError(f"--compile {c.compile!r} is not one of {', '.join(COMPILE_MODES)}.")
         self.compiled: CompiledTaps | None = None
         self._compile_decided = False
+
+    def _fit_grids(self, model: torch.nn.Module) -> dict[str, tuple]:
+        """Refuse (or, with ``small_maps="skip"``, leave out) gridK taps whose map is smaller
+        than K x K: such a grid repeats the map's cells, and a large K fills memory."""
+        grids = {name: (layer, int(p[4:])) for name, (layer, p) in self.taps.items() if p.startswith("grid")}
+        if not grids:
+            return {}
+        blank = torch.zeros(1, 3, self.pre.crop, self.pre.crop)
+        sizes = map_sizes(model.eval(), list(dict.fromkeys(layer for layer, _ in grids.values())), blank,
+                          registry.family_of(self.config.backbone).nhwc)
+        small = {name: sizes[layer] for name, (layer, k) in grids.items() if k > min(sizes[layer])}
+        if not small:
+            return {}
+        if self.config.small_maps != "skip" or len(small) == len(self.taps):
+            name, (h, w) = next(iter(small.items()))
+            layer, p = self.taps[name]
+            raise FeatxError(f"--pool {p} asks for a {p[4:]}x{p[4:]} grid, but {layer}'s map is {h}x{w} at "
+                             f"{self.pre.crop} px; use gridK with K <= {min(h, w)}, a larger --image-size, or an "
+                             "earlier --layer.")
+        for name in small:
+            del self.taps[name]
+        return small
 
     def prepare(self, n_images: int) -> None:
         """Compile the tap-cut graph when ``config.compile`` says so for ``n_images`` images
@@ -126,8 +151,20 @@ class FeatureExtractor:
 
     def __call__(self, x: torch.Tensor, taps: list[str] | None = None) -> dict[str, np.ndarray]:
         """Features of a uint8 batch (N, 3, H, W) for every tap (or the named ones: the
-        forward pass stops once they fired), as float32 arrays."""
+        forward pass stops once they fired), as float32 arrays.
+
+        A batch smaller than the batch size is padded to it (with blank images), so every
+        image goes through the same batch shape: oneDNN's kernels, and so the last bits of
+        a vector, depend on the batch size, and this makes an image's vector the same
+        whichever images share its batch, in a full run, a resumed one or a few cache misses.
+        """
         wanted = self.taps if taps is None else {t: self.taps[t] for t in taps}
+        n = x.shape[0]
+        if n < self.config.batch_size:
+            x = torch.cat([x, x.new_zeros((self.config.batch_size - n, *x.shape[1:]))])
+        return {k: v[:n] for k, v in self._forward(x, wanted).items()}
+
+    def _forward(self, x: torch.Tensor, wanted: dict) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             x = self.normalize(x)
             with self._autocast():
@@ -143,8 +180,7 @@ class FeatureExtractor:
         try:
             return {k: v for k, v in self.compiled(x).items() if k in wanted}
         except Exception as e:  # noqa: BLE001 - e.g. a recompile the compiler cannot do
-            warnings.warn(f"the compiled network failed ({type(e).__name__}: {str(e)[:200]}); running it eagerly.",
-                          stacklevel=3)
+            warnings.warn(f"the compiled network failed ({root_cause(e)}); running it eagerly.", stacklevel=3)
             self.compiled = None
             return None
 
@@ -160,14 +196,16 @@ class FeatureExtractor:
         c = self.config
         common = {"backbone": c.backbone, "weights_sha256": self.weights.sha256, "preprocessing": self.pre.to_json(),
                   "precision": str(self.amp or "float32"), "dtype": c.dtype, "channels_last": c.channels_last,
-                  "device": self.device.type, "torch": str(torch.__version__)}
+                  "device": self.device.type, "torch": str(torch.__version__),
+                  # which images have a row at all: a hit must not skip the pixel limit
+                  "max_pixels": int(c.max_pixels)}
         return {name: {**common, "layer": layer, "pool": p} for name, (layer, p) in self.taps.items()}
 
     def dims(self) -> dict[str, int]:
         """Width of every tap, from one blank image at the input size."""
         if self._dims is None:
             blank = torch.zeros(1, 3, self.pre.crop, self.pre.crop, dtype=torch.uint8)
-            self._dims = {k: int(v.shape[1]) for k, v in self(blank).items()}
+            self._dims = {k: int(v.shape[1]) for k, v in self._forward(blank, self.taps).items()}
         return self._dims
 
     def tap_specs(self) -> dict[str, dict]:
@@ -308,7 +346,8 @@ class _JobProgress:
 
 
 def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overwrite: bool = False,
-            finalize: bool = True, unit_items: int | None = None, world: World | None = None) -> ExtractResult:
+            finalize: bool = True, unit_items: int | None = None, world: World | None = None,
+            log=None) -> ExtractResult:
     """Extract features of every item of ``source`` into the feature file ``out``.
 
     The items are cut into work units of ``unit_items`` (rounded up to a multiple of the
@@ -316,7 +355,9 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
     is its rank, skips units already published (a resumed run), and publishes each unit it
     does as a shard.  Under torchrun (or with ``world``), every rank runs this same call;
     with torchrun, rank 0 assembles the file after a barrier; with a hand-made ``world``
-    (no process group), the process that finds every unit published assembles it.
+    (no process group), the process that finds every unit published assembles it.  A
+    second process with the same share of the same job (the same command started twice)
+    waits for the first, then finds its work done.
 
     Args:
         source: the images.
@@ -326,12 +367,15 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
         finalize: assemble the HDF5 file when every unit is done.
         unit_items: items per work unit (default: :func:`unit_size`); part of the fingerprint.
         world: this process's rank among several (default: torchrun's environment, or one).
+        log: called with a sentence when this process has to wait for another
+            (default: a warning).
 
     With ``config.cache`` (on by default), each image is looked up in the feature cache
     by its content and settings first: hits skip decoding and the network, misses are added;
     the file is the same either way.
     """
     t0 = time.perf_counter()
+    log = log or (lambda text: warnings.warn(text, stacklevel=3))
     if len(source) == 0:
         raise FeatxError("the source has no images.")
     with session(world) as world:
@@ -339,18 +383,24 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
         if writer.already_complete:
             n_rows, _, _ = _summary_of(out)
             return ExtractResult(str(out), len(source), n_rows, [], len(source), 0.0, True)
-        mine = writer.pending(world.rank, world.size)
-        done = sum(e - f for f, e in writer.done_ranges())
-        bar = _JobProgress(writer, world, done, config.progress, f"extract {config.backbone}")
-        cache = None
-        if config.cache and mine:
-            cache = FeatureCache.open(None if config.cache == "auto" else config.cache)
-        try:
-            failed, hits = _run_units(source, extractor, writer, mine, cache, bar)
-        finally:
-            bar.close()
-            if cache is not None:
-                cache.close()
+        with writer.claim(world.rank, world.size, log) as claimed:
+            # a process that waited for another may find the work done, or the file made
+            finished = not claimed
+            mine = [] if finished else writer.pending(world.rank, world.size)
+            done = writer.n_items if finished else sum(e - f for f, e in writer.done_ranges())
+            if finished and not world.collective:
+                n_rows, _, _ = _summary_of(out)
+                return ExtractResult(str(out), len(source), n_rows, [], len(source), 0.0, True)
+            bar = _JobProgress(writer, world, done, config.progress, f"extract {config.backbone}")
+            cache = None
+            if config.cache and mine:
+                cache = FeatureCache.open(None if config.cache == "auto" else config.cache)
+            try:
+                failed, hits = _run_units(source, extractor, writer, mine, cache, bar)
+            finally:
+                bar.close()
+                if cache is not None:
+                    cache.close()
         n_rows = -1
         if finalize:
             barrier(world)  # torchrun: every rank has published its units
@@ -364,29 +414,36 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
 
 
 class _Plan:
-    """The DataLoader's batches, unit by unit: the items the network must see.
+    """The DataLoader's batches: the items the network must see, in full batches across units.
 
-    For each unit, in order, the cache (when there is one) is asked for the unit's images
-    first; the batches hold the items with at least one tap missing, cut at multiples of the
-    batch size in item order (without a cache: exactly the unit's batches).  A unit the
-    cache answers completely yields one empty batch, so that every unit reaches the
-    consumer.  ``meta`` tells the consumer, batch after batch, which unit it belongs to.
+    Unit by unit, in order, the cache (when there is one) is asked for the unit's images
+    first; the items with at least one tap missing join one queue, cut into batches of the
+    batch size as it fills (without a cache, exactly each unit's batches, the units being
+    multiples of the batch size).  So a rerun with a few misses scattered over many units
+    computes full batches, and only the job's last batch is padded.  ``done`` lists, as the
+    units are looked up, each unit with the number of queued items up to its end: the
+    consumer publishes a unit once that many items went through the network.
     """
 
     def __init__(self, source: Source, units: list[range], batch_size: int, lookup):
         self.source, self.units, self.batch_size, self.lookup = source, units, batch_size, lookup
-        self.meta: collections.deque = collections.deque()
+        self.done: collections.deque = collections.deque()  # (unit, items queued up to its end)
         self.cached: dict[int, tuple[list, dict]] = {}  # unit -> (content keys, tap -> {item: vector})
 
     def __iter__(self):
+        queue, queued = [], 0
         for u, unit in enumerate(self.units):
             keys, hits = self.lookup(unit)
             self.cached[u] = (keys, hits)
             todo = [i for i in unit if not hits or any(i not in h for h in hits.values())]
-            batches = [todo[s:s + self.batch_size] for s in range(0, len(todo), self.batch_size)] or [[]]
-            for j, b in enumerate(batches):
-                self.meta.append((u, j == len(batches) - 1))
-                yield b
+            queue += todo
+            queued += len(todo)
+            self.done.append((u, queued))
+            while len(queue) >= self.batch_size:
+                yield queue[:self.batch_size]
+                queue = queue[self.batch_size:]
+        if queue:
+            yield queue
 
 
 def _run_units(source: Source, extractor: FeatureExtractor, writer: StoreWriter, units: list[range],
@@ -397,28 +454,36 @@ def _run_units(source: Source, extractor: FeatureExtractor, writer: StoreWriter,
     if todo:
         extractor.prepare(todo)
     plan = _Plan(source, units, extractor.config.batch_size, lookup)
-    failed, hits_total = [], 0
-    acc: dict[str, dict] = {"feats": {}, "bad": {}}
+    failed, hits_total, seen = [], 0, 0
+    unit_at = {r.start: u for u, r in enumerate(units)}  # units start at multiples of the unit size
+    feats_of: dict[int, dict] = {}  # item -> tap -> vector, until its unit is published
+    bad_of: dict[int, str] = {}
+
+    def publish_ready():
+        nonlocal failed, hits_total
+        while plan.done and plan.done[0][1] <= seen:
+            u = plan.done.popleft()[0]
+            unit, (keys, hits) = units[u], plan.cached.pop(u)
+            acc = {"feats": {i: feats_of.pop(i) for i in unit if i in feats_of},
+                   "bad": {i: bad_of.pop(i) for i in unit if i in bad_of}}
+            hits_total += _publish_unit(source, extractor, writer, unit, hits, acc)
+            lookup.store(unit, keys, hits, acc["feats"])
+            failed += [(source.ids[i], e) for i, e in sorted(acc["bad"].items())]
+            progress(len(unit))
+
     loader = _loader(source, extractor, plan, sum(len(u) for u in units)) if units else []
     for x, good, bad in loader:
         _check_errors(source, bad, extractor.config)
-        u, last = plan.meta.popleft()
-        keys, hits = plan.cached[u]
         if x is not None:
-            missing = [t for t in extractor.taps if any(i not in hits.get(t, {}) for i in good)]
+            hits_of = [plan.cached[unit_at[i - i % writer.unit_items]][1] for i in good]
+            missing = [t for t in extractor.taps if any(i not in h.get(t, {}) for i, h in zip(good, hits_of))]
             feats = extractor(x, missing)
             for k, i in enumerate(good):
-                acc["feats"][i] = {t: v[k] for t, v in feats.items()}
-        acc["bad"].update(bad)
-        if last:
-            unit = units[u]
-            n_hits = _publish_unit(source, extractor, writer, unit, hits, acc)
-            lookup.store(unit, keys, hits, acc["feats"])
-            failed += [(source.ids[i], e) for i, e in sorted(acc["bad"].items())]
-            hits_total += n_hits
-            acc = {"feats": {}, "bad": {}}
-            del plan.cached[u]
-            progress(len(unit))
+                feats_of[i] = {t: v[k] for t, v in feats.items()}
+        bad_of.update(bad)
+        seen += len(good) + len(bad)
+        publish_ready()
+    publish_ready()  # units the cache answered whole, after the last batch
     lookup.close()
     return failed, hits_total
 
@@ -517,9 +582,11 @@ def _start(source: Source, out, config: ExtractConfig, overwrite: bool, unit_ite
     """Set up this process; under torchrun every rank learns whether all of them can run."""
     error, extractor, writer = None, None, None
     try:
+        if world.is_main or not world.collective:
+            check_output(out, what="--out")  # before the model is built and the images are read
         config = replace(config, device=device_spec(world, config.device))
         extractor = FeatureExtractor(config, world)
-        b = config.batch_size
+        b = extractor.config.batch_size
         unit = unit_size(len(source), b, unit_items)
         writer = StoreWriter(out, extractor.header(source), len(source), extractor.tap_specs(), unit,
                              config.dtype)
@@ -527,6 +594,8 @@ def _start(source: Source, out, config: ExtractConfig, overwrite: bool, unit_ite
             writer.prepare(overwrite)
     except FeatxError as e:
         error = str(e)
+    except OSError as e:
+        error = str(os_error(e, "write", out))
     agree(world, error)
     if not world.collective:
         return writer, extractor

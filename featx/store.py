@@ -30,6 +30,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -40,6 +41,7 @@ import h5py
 import numpy as np
 
 from featx.errors import FeatxError
+from featx.files import atomic_path, check_free_space, clean_stale_temps, os_error, temp_path, write_text
 
 FORMAT_NAME = "featx.features"
 FORMAT_VERSION = 1
@@ -75,8 +77,24 @@ def make_header(provenance: dict, fingerprint: dict) -> dict:
             the same job (settings plus the source's items).
     """
     attrs = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in provenance.items()}
-    return {**attrs, "featx_version": featx_version(), "command": " ".join(sys.argv),
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {**attrs, "featx_version": featx_version(), "command": command_line(),
+            **({"world_size": world} if world > 1 else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": json.dumps(fingerprint, sort_keys=True)}
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running, as a user can type it again.
+
+    ``featx`` when featx's own entry point runs (under ``torchrun -m featx`` argv[0] is the
+    path of ``featx/__main__.py``, which cannot be run as given; a rerun may use any number
+    of processes, so plain ``featx ...`` finishes the job), quoted for the shell.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if argv and (Path(argv[0]).name == "featx" or Path(argv[0]).parent.name == "featx"
+                 and Path(argv[0]).name in ("__main__.py", "cli.py")):
+        argv[0] = "featx"
+    return shlex.join(argv)
 
 
 class StoreWriter:
@@ -120,21 +138,41 @@ class StoreWriter:
         """Make the parts folder ready (one process: the only one, or rank 0), refusing an
         output or unfinished run of other settings unless ``overwrite``."""
         if self.already_complete and not overwrite:
+            if self.parts.exists():  # left behind by a run that finished (a removal that failed)
+                _remove_tree(self.parts)
             return self
         self.already_complete = False
         if self.out.exists() and not overwrite:
-            raise FeatxError(f"{self.out} already exists and was made with other settings; "
-                             "use --overwrite to replace it, or choose another --out.")
+            raise FeatxError(f"{self.out} already exists and {_what_is(self.out)}; use --overwrite to replace it, "
+                             "or choose another --out.")
+        if self.out.exists() and self.out.is_dir():
+            raise FeatxError(f"--out {self.out} is a folder; give the path of the .h5 file to write.")
+        if self.parts.exists() and not self.parts.is_dir():
+            raise FeatxError(f"{self.parts} is a file, but featx keeps an unfinished run's work there; move it away.")
         if self.parts.exists() and self._parts_job() != self.job:
             if not overwrite:
-                raise FeatxError(f"an unfinished run with other settings left {self.parts}; rerun it with "
-                                 "the same command to finish it, or use --overwrite to start over.")
-            shutil.rmtree(self.parts)
-        self.parts.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.parts / "header.json", json.dumps(
-            {**self.header, "n_items": self.n_items, "unit_items": self.unit_items, "job": self.job,
-             "tap_specs": self.taps, "dtype": self.dtype}))
+                raise FeatxError(self._foreign_parts())
+            _remove_tree(self.parts)
+        try:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(self.out)  # an assembly killed before its rename
+            write_text(self.parts / "header.json", json.dumps(
+                {**self.header, "n_items": self.n_items, "unit_items": self.unit_items, "job": self.job,
+                 "tap_specs": self.taps, "dtype": self.dtype}))
+        except OSError as e:
+            raise os_error(e, "write", self.parts) from None
         return self
+
+    def _foreign_parts(self) -> str:
+        header = read_parts_header(self.parts)
+        if header is None:
+            return (f"{self.parts} holds an unfinished run of other settings, and its header.json is missing or "
+                    "damaged, so featx cannot tell which command made it; use --overwrite to start over "
+                    "(or remove that folder).")
+        command = header.get("command")
+        again = f"rerun `{command}` to finish it" if command else "rerun the command that made it to finish it"
+        return (f"an unfinished run with other settings left {self.parts}; {again}, or use --overwrite "
+                "(with this command) to start over.")
 
     def join(self) -> "StoreWriter":
         """Take part in a job another process prepared (its parts folder must be visible here)."""
@@ -144,10 +182,49 @@ class StoreWriter:
         return self
 
     def _parts_job(self) -> str | None:
+        """The job of the parts folder: its header's, or, when the header is missing or damaged,
+        the one job its shards belong to (the header is then written again)."""
+        header = read_parts_header(self.parts)
+        if header is not None:
+            return header.get("job")
+        jobs = set()
+        for s in self.shards():
+            try:
+                with np.load(s.path) as z:
+                    jobs.add(str(z["job"]))
+            except Exception:  # noqa: BLE001 - a damaged shard says nothing; assembly names it
+                continue
+        return self.job if jobs <= {self.job} else None
+
+    @contextlib.contextmanager
+    def claim(self, rank: int = 0, size: int = 1, log=None):
+        """Hold this process's share of the job (rank of size) for the duration.
+
+        A second process with the same share (the same command started twice) waits here,
+        saying so, until the first has published its units.  Yields whether the work may
+        still be this process's to do: False when the parts folder is gone, or when this
+        process waited and the other one completed the file meanwhile.
+        """
         try:
-            return json.loads((self.parts / "header.json").read_text()).get("job")
-        except (OSError, ValueError):
-            return None
+            fh = open(self.parts / f"rank-{rank}-of-{size}.lock", "a+")
+        except FileNotFoundError:
+            yield False
+            return
+        except OSError as e:
+            raise os_error(e, "write", self.parts) from None
+        try:
+            waited = False
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if log:
+                    log(f"another featx process is extracting {self.out} (the same work units); waiting for it "
+                        "to finish them ...")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                waited = True
+            yield self.parts.is_dir() and not (waited and self.output_complete())
+        finally:
+            fh.close()
 
     # -- units and shards -----------------------------------------------------------------
 
@@ -203,12 +280,20 @@ class StoreWriter:
             cache_hits=np.asarray(sum(p[7] for p in parts)),
         )
         final = self.parts / f"shard-{parts[0][0]:012d}-{parts[-1][1]:012d}.npz"
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # one temporary name per process
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        tmp = temp_path(final)  # one temporary name per process
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if not self.parts.is_dir() and self.output_complete():
+                return  # another process finished the job meanwhile: this unit is in the file already
+            raise FeatxError(f"{os_error(e, 'write', final)} The units published so far are kept in {self.parts}: "
+                             "rerun the same command to go on from there.") from None
 
     # -- assembly -------------------------------------------------------------------------
 
@@ -216,7 +301,9 @@ class StoreWriter:
         """Check the shards and assemble the HDF5 file, one shard in memory at a time.
 
         Safe when several processes call it: the first assembles under a lock, the others
-        find the file done.
+        find the file done.  The file is written by a child process (HDF5 cannot survive a
+        failed write: closing such a file, even at exit, crashes the process), and a failure
+        (a full disk...) leaves the shards as they were for a rerun.
         """
         if not self.parts.exists() and self.output_complete():
             return self.out
@@ -224,17 +311,16 @@ class StoreWriter:
             if not self.parts.exists():  # another process assembled it (and removed the parts)
                 return self.out
             shards, n_rows, n_failed, hits = self._check_shards()
-            tmp = self.out.with_name(f"{self.out.name}.{os.getpid()}.tmp")
-            self.out.parent.mkdir(parents=True, exist_ok=True)
+            need = sum(s.path.stat().st_size for s in shards) + (1 << 20)  # about what the file holds
+            check_free_space(self.out.parent, need, str(self.out))
             try:
-                self._assemble(tmp, shards, n_rows, n_failed, classes, default_tap,
-                               {"cache_hits": hits, **(extra_attrs or {})})
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.out)
-            finally:
-                tmp.unlink(missing_ok=True)
-            shutil.rmtree(self.parts)
+                with atomic_path(self.out, "assemble") as tmp:
+                    _in_child(f"assemble {self.out}", self._assemble, tmp, shards, n_rows, n_failed, classes,
+                              default_tap, {"cache_hits": hits, **(extra_attrs or {})})
+            except FeatxError as e:
+                raise FeatxError(f"{e} The extracted work units stay in {self.parts}: rerun the same command to "
+                                 "assemble them.") from None
+            _remove_tree(self.parts)
         return self.out
 
     def _check_shards(self) -> tuple[list[Shard], int, int, int]:
@@ -253,6 +339,8 @@ class StoreWriter:
                 with np.load(s.path) as z:
                     job, rows, failed = str(z["job"]), len(z["ids"]), len(z["failed_ids"])
                     hits += int(z["cache_hits"])
+            except OSError as e:
+                raise os_error(e, "read", s.path) from None
             except Exception as e:  # truncated or damaged on disk
                 raise FeatxError(f"shard {s.path} is unreadable ({type(e).__name__}: {e}); delete it and rerun "
                                  "the same command to extract its items again.") from None
@@ -266,48 +354,51 @@ class StoreWriter:
 
     def _assemble(self, path: Path, shards: list[Shard], n_rows: int, n_failed: int, classes: list[str],
                   default_tap: str, extra_attrs: dict | None) -> None:
-        with h5py.File(path, "w") as f:
-            f.attrs.update({k: (str(v) if isinstance(v, str) else v) for k, v in self.header.items()})
-            f.attrs.update(extra_attrs or {})
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["complete"] = False
-            f.attrs["default_tap"] = default_tap
-            f.attrs["n_items"] = self.n_items
-            f.attrs["n_rows"] = n_rows
-            f.attrs["n_failed"] = n_failed
-            f.attrs["feature_dtype"] = self.dtype
-            f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR)
-            grp = f.create_group("taps", track_order=True)  # taps listed in extraction order
-            for name, spec in self.taps.items():
-                d = int(spec["dim"])
-                chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(4 * d, 1)))
-                ds = grp.create_dataset(name, shape=(n_rows, d), dtype=self.dtype,
-                                        chunks=(chunk_rows, max(d, 1)) if n_rows and d else None)
-                ds.attrs.update({k: v for k, v in spec.items() if k != "dim"})
-            f["features"] = grp[default_tap]  # a hard link: the default tap, no copy
-            labels = f.create_dataset("labels", shape=(n_rows,), dtype=np.int64)
-            ids = f.create_dataset("ids", shape=(n_rows,), dtype=_STR)
-            fid = f.create_dataset("failed/ids", shape=(n_failed,), dtype=_STR)
-            freason = f.create_dataset("failed/reasons", shape=(n_failed,), dtype=_STR)
-            r = q = 0
-            for s in shards:  # one shard in memory at a time, in item order
-                with np.load(s.path) as z:
-                    k = len(z["ids"])
-                    for name, spec in self.taps.items():
-                        x = z[f"tap:{name}"]
-                        if x.shape != (k, int(spec["dim"])):
-                            raise FeatxError(f"shard {s.path} has {name} of shape {x.shape}, not ({k}, {spec['dim']}).")
-                        if k:
-                            grp[name][r:r + k] = x
-                    labels[r:r + k] = z["labels"]
-                    ids[r:r + k] = z["ids"].astype(object)
-                    m = len(z["failed_ids"])
-                    fid[q:q + m] = z["failed_ids"].astype(object)
-                    freason[q:q + m] = z["failed_reasons"].astype(object)
-                    r, q = r + k, q + m
-            f.attrs["complete"] = True
-            f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # a file whose writing failed must never be closed (HDF5 crashes the process then):
+        # this runs in a child process (_in_child) that leaves without closing it after an error
+        f = h5py.File(path, "w")
+        f.attrs.update({k: (str(v) if isinstance(v, str) else v) for k, v in self.header.items()})
+        f.attrs.update(extra_attrs or {})
+        f.attrs["format"] = FORMAT_NAME
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["complete"] = False
+        f.attrs["default_tap"] = default_tap
+        f.attrs["n_items"] = self.n_items
+        f.attrs["n_rows"] = n_rows
+        f.attrs["n_failed"] = n_failed
+        f.attrs["feature_dtype"] = self.dtype
+        f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR)
+        grp = f.create_group("taps", track_order=True)  # taps listed in extraction order
+        for name, spec in self.taps.items():
+            d = int(spec["dim"])
+            chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(4 * d, 1)))
+            ds = grp.create_dataset(name, shape=(n_rows, d), dtype=self.dtype,
+                                    chunks=(chunk_rows, max(d, 1)) if n_rows and d else None)
+            ds.attrs.update({k: v for k, v in spec.items() if k != "dim"})
+        f["features"] = grp[default_tap]  # a hard link: the default tap, no copy
+        labels = f.create_dataset("labels", shape=(n_rows,), dtype=np.int64)
+        ids = f.create_dataset("ids", shape=(n_rows,), dtype=_STR)
+        fid = f.create_dataset("failed/ids", shape=(n_failed,), dtype=_STR)
+        freason = f.create_dataset("failed/reasons", shape=(n_failed,), dtype=_STR)
+        r = q = 0
+        for s in shards:  # one shard in memory at a time, in item order
+            with np.load(s.path) as z:
+                k = len(z["ids"])
+                for name, spec in self.taps.items():
+                    x = z[f"tap:{name}"]
+                    if x.shape != (k, int(spec["dim"])):
+                        raise FeatxError(f"shard {s.path} has {name} of shape {x.shape}, not ({k}, {spec['dim']}).")
+                    if k:
+                        grp[name][r:r + k] = x
+                labels[r:r + k] = z["labels"]
+                ids[r:r + k] = z["ids"].astype(object)
+                m = len(z["failed_ids"])
+                fid[q:q + m] = z["failed_ids"].astype(object)
+                freason[q:q + m] = z["failed_reasons"].astype(object)
+                r, q = r + k, q + m
+        f.attrs["complete"] = True
+        f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        f.close()
 
 
 @contextlib.contextmanager
@@ -323,6 +414,81 @@ def _locked(path: Path):
         yield
     finally:
         fh.close()
+
+
+def _in_child(what: str, fn, *args) -> None:
+    """Run ``fn(*args)`` in a forked child process and re-raise its error here (``what``:
+    the work, for the sentence when the child crashes).
+
+    HDF5 cannot survive a failed write: once writing a file failed (a full disk), closing
+    it, even at the interpreter's exit, crashes the process.  The child that writes exits
+    without closing anything after an error; this process stays whole and reports it.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write, report, leave without running any exit handler
+        os.close(read_end)
+
+        def leave(report: dict):
+            with contextlib.suppress(BaseException):
+                os.write(write_end, json.dumps(report).encode())
+            os._exit(0)
+
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 - reported while the failed file's objects still live:
+            leave(_report_of(e))  # freeing them would close the file
+        leave({"ok": True})
+    os.close(write_end)
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+    try:
+        report = json.loads(b"".join(chunks))
+    except ValueError:
+        why = f"signal {-os.waitstatus_to_exitcode(status)}" if os.WIFSIGNALED(status) else \
+            f"exit status {os.waitstatus_to_exitcode(status)}"
+        raise FeatxError(f"cannot {what}: the process writing it crashed ({why}).") from None
+    if "featx" in report:
+        raise FeatxError(report["featx"])
+    if "errno" in report:
+        raise OSError(report["errno"], report["strerror"])
+    if "error" in report:
+        raise FeatxError(f"cannot {what}: {report['error']}.")
+
+
+def _report_of(e: BaseException) -> dict:
+    """An error of the child, as the parent re-raises it."""
+    if isinstance(e, FeatxError):
+        return {"featx": str(e)}
+    if isinstance(e, OSError) and e.errno:
+        return {"errno": e.errno, "strerror": e.strerror or str(e)}
+    m = re.search(r"errno = (\d+)", str(e))  # HDF5 reports the system's error in its text
+    if m:
+        return {"errno": int(m.group(1)), "strerror": os.strerror(int(m.group(1)))}
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return {"error": f"{type(e).__name__}: {text}"}
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a parts folder: renamed away first (so that no process sees it half removed),
+    then deleted; what cannot be deleted (a file another process holds open on a network
+    file system) is left in the renamed folder."""
+    trash = path.with_name(f"{path.name}.{os.getpid()}.removing")
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def gaps(done: list[tuple[int, int]], items: range) -> list[range]:
@@ -350,10 +516,26 @@ def read_shards(parts: Path) -> list[Shard]:
     return sorted(out, key=lambda s: s.first)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def read_parts_header(parts: Path) -> dict | None:
+    """An unfinished run's header.json, or None when it is missing or damaged."""
+    try:
+        header = json.loads((parts / "header.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _what_is(path: Path) -> str:
+    """What an existing output is, for the sentence that refuses to replace it."""
+    if path.is_dir():
+        return "is a folder"
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT_NAME:
+                return "is an HDF5 file but not a featx feature file"
+            return "was made with other settings"
+    except OSError:
+        return "is not a featx feature file"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -445,6 +627,25 @@ class FeatureStore:
             return out
         return ds[rows].astype(np.float32, copy=False)
 
+    def nonfinite_rows(self, tap: str | None = None, chunk_rows: int = 16384) -> np.ndarray:
+        """Indices of the rows whose features of ``tap`` hold a nan or inf (read chunk by chunk)."""
+        ds = self.dataset(tap)
+        bad = [s + np.flatnonzero(~np.isfinite(ds[s:s + chunk_rows]).all(axis=1))
+               for s in range(0, ds.shape[0], chunk_rows)]
+        return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+    def nonfinite_error(self, tap: str, bad: np.ndarray, remedy: str) -> FeatxError:
+        """The sentence that refuses rows with nan or inf features: the file, the tap, the
+        first row (by id) and how many."""
+        first = int(bad[0])
+        return FeatxError(f"{self.path}: {len(bad)} of {len(self)} rows have non-finite {tap} features (nan or inf), "
+                          f"the first row {first} ({self.ids_at([first])[0]}); extract them again (a float16 file "
+                          f"overflows above 65504: use --dtype float32), {remedy}.")
+
+    def ids_at(self, rows) -> list[str]:
+        """The ids of some rows (without reading every id)."""
+        return [s.decode() if isinstance(s, bytes) else s for s in self._f["ids"][np.sort(np.asarray(rows))]]
+
     def nbytes(self, tap: str | None = None) -> int:
         ds = self.dataset(tap)
         return int(ds.shape[0]) * int(ds.shape[1]) * 4
@@ -496,14 +697,12 @@ def check_provenance(expected: dict, got: dict, what: str) -> None:
 
 def progress_of(parts: Path) -> str:
     """Work units done and missing in an unfinished run's parts folder."""
-    try:
-        meta = json.loads((parts / "header.json").read_text())
-    except (OSError, ValueError):
-        meta = {}
+    meta = read_parts_header(parts)
     done = {(s.first, s.end) for s in read_shards(parts)}
-    n, unit = meta.get("n_items"), meta.get("unit_items")
+    n, unit = (meta or {}).get("n_items"), (meta or {}).get("unit_items")
     if n is None or not unit:
-        return f"{sum(e - f for f, e in done)} items done"
+        damaged = "; its header.json is missing or damaged" if meta is None else ""
+        return f"{sum(e - f for f, e in done)} items done in {len(done)} work units{damaged}"
     units = [(s, min(s + unit, n)) for s in range(0, n, unit)]
     missing = [i for i, u in enumerate(units) if u not in done]
     items = sum(e - f for f, e in units if (f, e) in done)
@@ -529,9 +728,10 @@ def info(path: str | os.PathLike) -> dict:
     """A summary of a feature file, or of an unfinished extraction's parts folder."""
     path = Path(path)
     if not path.exists() and parts_dir(path).exists():
-        header = json.loads((parts_dir(path) / "header.json").read_text())
+        header = read_parts_header(parts_dir(path)) or {}
         return {"path": str(path), "complete": False, "progress": progress_of(parts_dir(path)),
-                "backbone": header.get("backbone"), "command": header.get("command")}
+                "backbone": header.get("backbone"), "command": header.get("command"),
+                "world_size": header.get("world_size")}
     with FeatureStore(path) as fs:
         a = fs.attrs
         return {
@@ -545,5 +745,5 @@ def info(path: str | os.PathLike) -> dict:
             "default_tap": fs.default_tap,
             **{k: a.get(k) for k in ("backbone", "weights", "weights_sha256", "weights_seed", "pooling", "preprocessing",
                                      "source", "featx_version", "torch_version", "torchvision_version",
-                                     "command", "completed")},
+                                     "command", "world_size", "completed")},
         }
