@@ -19,9 +19,11 @@ goes on without it and computes every vector.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import time
 import warnings
@@ -31,9 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.files import cause
+
 # Bump when a change to featx's decoding, preprocessing or pooling code changes the vectors
 # it computes: every older entry then misses.
-FEATURE_CODE_VERSION = 2  # 2: libjpeg-turbo decoding and resizing on uint8 tensors (featx.decode)
+# 2: libjpeg-turbo decoding and resizing on uint8 tensors (featx.decode); 3: every eager
+# batch padded to the batch size (the last bits of a vector no longer depend on how many
+# images shared its batch)
+FEATURE_CODE_VERSION = 3
 DEFAULT_DIR = Path("cache") / "features"
 
 _SCHEMA = """
@@ -73,46 +80,92 @@ class CacheStats:
     misses: int = 0
 
 
+# A featx process holds the write lock for the few milliseconds of one unit's insert; a
+# lock held longer belongs to something else (a crashed tool, an open sqlite3 shell): wait
+# this long for it, saying so at once, then go on without the cache.
+LOCK_WAIT = 30.0
+PRUNE_BATCH = 2000  # entries evicted per transaction
+
+
+class CacheLocked(sqlite3.OperationalError):
+    """Another process held the cache's lock for longer than the wait allows."""
+
+
 class FeatureCache:
     """The cache at ``root`` (created on first use).
 
     Args:
         root: a folder; the database is ``root/index.sqlite``.
-        timeout: seconds to wait for another process's write lock.
+        lock_wait: seconds to wait for a lock another process holds (after one second,
+            ``log`` says that it is waiting, and on what).
+        log: called with that sentence (default: a warning).
+        create: make the cache when there is none (False: raise FileNotFoundError).
     """
 
-    def __init__(self, root: str | os.PathLike, timeout: float = 120.0):
+    def __init__(self, root: str | os.PathLike, lock_wait: float = LOCK_WAIT, log=None, create: bool = True):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / "index.sqlite"
-        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        self.lock_wait = lock_wait
+        self.log = log or (lambda text: warnings.warn(text, stacklevel=4))
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(errno.ENOENT, "no feature cache", str(self.path))
+        self.root.mkdir(parents=True, exist_ok=True)
+        # the busy handler waits up to a second: longer than any featx process holds a lock
+        self._db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None, check_same_thread=False)
         # Switching a new database to WAL takes an exclusive lock that SQLite does not wait
         # for: processes opening a new cache at once retry (the schema is idempotent).
-        deadline = time.monotonic() + timeout
+        self._waiting(self._setup)
+
+    def _setup(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: atomic, durable up to a power cut
+        # no zeroing of freed pages (Debian's SQLite does it by default): features are not
+        # secrets, and zeroing writes every evicted page into the log (prune on a full disk)
+        self._db.execute("PRAGMA secure_delete=FAST")
+        self._db.executescript(_SCHEMA)
+
+    def _waiting(self, op, *args):
+        """``op(*args)``, retried while another process holds the lock, for at most
+        ``lock_wait`` seconds; says at once that it waits."""
+        deadline = None
         while True:
             try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: atomic, durable up to a power cut
-                self._db.executescript(_SCHEMA)
-                break
+                return op(*args)
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
+                if "locked" not in str(e) and "busy" not in str(e):
                     raise
-                time.sleep(0.02)
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.lock_wait
+                    self.log(f"the feature cache {self.path} is locked by another process; waiting up to "
+                             f"{self.lock_wait:.0f} s for it")
+                elif now >= deadline:
+                    raise CacheLocked(f"another process held its lock for more than {self.lock_wait:.0f} s") from None
+                time.sleep(0.05)
 
     @classmethod
-    def open(cls, root: str | os.PathLike | None = None) -> "FeatureCache | None":
-        """The cache, or None (with one warning) when it cannot be opened or is damaged."""
+    def open(cls, root: str | os.PathLike | None = None, create: bool = True, log=None) -> "FeatureCache | None":
+        """The cache, or None (with one warning saying why) when it cannot be used."""
         root = Path(root) if root else default_location()
         try:
-            cache = cls(root)
-            if cache._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("quick_check failed")
-            return cache
+            cache = cls(root, log=log, create=create)
+        except FileNotFoundError:
+            if not create:
+                return None
+            why = _why_unusable(root, None)
         except (sqlite3.Error, OSError) as e:
-            warnings.warn(f"the feature cache at {root} cannot be used ({e}); computing every vector without it "
-                          f"(remove {root} to start a new cache).", stacklevel=2)
-            return None
+            why = _why_unusable(root, e)
+        else:
+            try:
+                if cache._db.execute("PRAGMA quick_check").fetchone()[0] == "ok":
+                    return cache
+                why = _why_unusable(root, sqlite3.DatabaseError("quick_check failed"))
+            except sqlite3.Error as e:
+                why = _why_unusable(root, e)
+            cache.close()
+        warnings.warn(f"the feature cache at {root} cannot be used ({why}); computing every vector without it.",
+                      stacklevel=2)
+        return None
 
     def close(self) -> None:
         self._db.close()
@@ -120,8 +173,8 @@ class FeatureCache:
     # -- entries ----------------------------------------------------------------------------
 
     def register(self, setting: str, description: dict) -> None:
-        self._db.execute("INSERT OR IGNORE INTO settings(setting, description, created) VALUES (?, ?, ?)",
-                         (setting, json.dumps(description, sort_keys=True), time.time()))
+        self._waiting(self._db.execute, "INSERT OR IGNORE INTO settings(setting, description, created) "
+                      "VALUES (?, ?, ?)", (setting, json.dumps(description, sort_keys=True), time.time()))
 
     def has(self, images: list[str], setting: str) -> set[str]:
         """Which of ``images`` have a vector for ``setting`` (nothing read, nothing recorded)."""
@@ -147,13 +200,18 @@ class FeatureCache:
                     continue
                 out[image] = np.frombuffer(data, dtype=dtype)
         now = time.time()
-        with self._db:  # one short transaction: last use, hit and miss counts, damaged entries
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("UPDATE vectors SET used = ? WHERE image = ? AND setting = ?",
-                                 [(now, i, setting) for i in out])
-            self._db.executemany("DELETE FROM vectors WHERE image = ? AND setting = ?", [(i, setting) for i in bad])
-            self._db.execute("UPDATE settings SET hits = hits + ?, misses = misses + ? WHERE setting = ?",
-                             (len(out), len(images) - len(out), setting))
+
+        def record():  # one short transaction: last use, hit and miss counts, damaged entries
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("UPDATE vectors SET used = ? WHERE image = ? AND setting = ?",
+                                     [(now, i, setting) for i in out])
+                self._db.executemany("DELETE FROM vectors WHERE image = ? AND setting = ?",
+                                     [(i, setting) for i in bad])
+                self._db.execute("UPDATE settings SET hits = hits + ?, misses = misses + ? WHERE setting = ?",
+                                 (len(out), len(images) - len(out), setting))
+
+        self._waiting(record)
         return out
 
     def put(self, vectors: dict[str, np.ndarray], setting: str) -> None:
@@ -163,9 +221,12 @@ class FeatureCache:
         for image, v in vectors.items():
             data = np.ascontiguousarray(v).tobytes()
             rows.append((image, setting, str(v.dtype), int(v.shape[0]), data, zlib.crc32(data), now))
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        def insert():
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+        self._waiting(insert)
 
     # -- housekeeping -------------------------------------------------------------------------
 
@@ -185,26 +246,75 @@ class FeatureCache:
         return {"path": str(self.root), "entries": n[0], "vector_bytes": n[1], "bytes_on_disk": self.size(),
                 "settings": settings}
 
-    def prune(self, max_bytes: int) -> int:
-        """Evict the least recently used entries until the cache is at most ``max_bytes``; returns how many."""
+    def live_bytes(self) -> int:
+        """Bytes the entries take in the database (its pages in use) and its write-ahead log."""
+        page_size, pages, free = (self._db.execute(f"PRAGMA {p}").fetchone()[0]
+                                  for p in ("page_size", "page_count", "freelist_count"))
+        wal = self.root / "index.sqlite-wal"
+        return (pages - free) * page_size + (wal.stat().st_size if wal.is_file() else 0)
+
+    def prune(self, max_bytes: int) -> tuple[int, bool]:
+        """Evict the least recently used entries until they take at most ``max_bytes``.
+
+        Entries are deleted first (SQLite reuses their pages); then the file is compacted
+        (VACUUM) to give the space back to the disk, but only when the disk has room for
+        the copy that compaction writes: a full disk can always be pruned.  Returns how
+        many entries were removed and whether the file was compacted.
+        """
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
         removed = 0
-        self._compact()
-        while self.size() > max_bytes:
+        self._waiting(self._db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+        while self.live_bytes() > max_bytes:
             n = self._db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
             if n == 0:
                 break
-            per_entry = self.size() / n  # after compaction: what an entry costs on disk
-            k = min(n, max(1, int(np.ceil((self.size() - max_bytes) / per_entry))))
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                removed += self._db.execute(
-                    "DELETE FROM vectors WHERE (image, setting) IN "
-                    "(SELECT image, setting FROM vectors ORDER BY used LIMIT ?)", (k,)).rowcount
-            self._compact()
-        return removed
+            per_entry = self.live_bytes() / n  # what an entry costs in pages
+            # at most PRUNE_BATCH entries a transaction, the log folded back after each: the
+            # log stays small, so pruning needs next to no free space
+            k = min(n, PRUNE_BATCH, max(1, int(np.ceil((self.live_bytes() - max_bytes) / per_entry))))
 
-    def _compact(self) -> None:
-        """Fold the write-ahead log into the database and give free pages back to the disk."""
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._db.execute("VACUUM")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            def delete():
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    return self._db.execute("DELETE FROM vectors WHERE (image, setting) IN "
+                                            "(SELECT image, setting FROM vectors ORDER BY used LIMIT ?)", (k,)).rowcount
+
+            removed += self._waiting(delete)
+            self._waiting(self._db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+        return removed, self._compact()
+
+    def _compact(self) -> bool:
+        """Give free pages back to the disk (VACUUM writes a copy of the live pages through
+        the write-ahead log: it needs about twice their size free); False when there is no room."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = 0
+        if free < 2 * self.live_bytes() + (1 << 20):
+            return False
+        try:
+            self._waiting(self._db.execute, "VACUUM")
+        except sqlite3.OperationalError as e:  # the disk filled up meanwhile: the pruned pages stay reusable
+            if "full" not in str(e):
+                raise
+            return False
+        finally:
+            self._waiting(self._db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+        return True
+
+
+def _why_unusable(root: Path, e: BaseException | None) -> str:
+    """Why the cache at ``root`` cannot be used, and what to do: never advice to remove a
+    good cache because of a folder problem."""
+    if root.exists() and not root.is_dir():
+        return f"{root} is a file, not a folder (FEATX_CACHE names the cache's folder)"
+    if isinstance(e, OSError):
+        return cause(e)
+    text = str(e)
+    if isinstance(e, CacheLocked):
+        return text
+    if "readonly" in text or "unable to open" in text or not os.access(root, os.W_OK):
+        return "featx cannot write there (a read-only folder or file?)"
+    return (f"it is damaged: {text}; remove {root} to start a new cache, the feature files made with it are not "
+            "affected")

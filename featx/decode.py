@@ -18,7 +18,10 @@ never replaced by a neighbouring image), so rows stay aligned with their ids.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -60,10 +63,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int):
+    """Pillow's own decompression-bomb check at ``max_pixels`` while opening an image.
+
+    Pillow checks every image it opens against its module-wide ``MAX_IMAGE_PIXELS`` (about
+    89 million): without this, an image above it would be refused whatever ``--max-pixels``
+    says.  The setting is changed only for the duration, under a lock, and an image over
+    the limit is refused with featx's own sentence.
+    """
+    with _PILLOW_LIMIT:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                try:
+                    yield
+                except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+                    m = re.search(r"\((\d+) pixels\)", str(e))
+                    raise ValueError(f"decompression bomb: {m.group(1) if m else 'more'} pixels exceed the limit of "
+                                     f"{max_pixels} (--max-pixels)") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def open_rgb(source, i: int, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Item ``i`` of ``source`` as an RGB image, guarded; gray when ``pre.grayscale``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with pixel_limit(max_pixels):
         img = source.open(i)
         _check_size(*img.size, max_pixels)
         if pre.jpeg_draft and img.format == "JPEG":
@@ -85,7 +115,7 @@ def resize_crop(img, pre: Preprocess):
 
 def _check_size(w: int, h: int, max_pixels: int) -> None:
     if w * h > max_pixels:
-        raise ValueError(f"decompression bomb: {w}x{h} pixels exceeds the limit of {max_pixels}")
+        raise ValueError(f"decompression bomb: {w}x{h} pixels exceed the limit of {max_pixels} (--max-pixels)")
 
 
 def jpeg_tensor(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
@@ -94,7 +124,7 @@ def jpeg_tensor(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXE
     wanted, a reduced-scale decode possible, or any complaint from the decoder)."""
     if decode_jpeg is None or pre.grayscale or data[:3] != b"\xff\xd8\xff":
         return None
-    with Image.open(io.BytesIO(data)) as img:  # reads the header only
+    with pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as img:  # reads the header only
         (w, h), mode = img.size, img.mode
     _check_size(w, h, max_pixels)
     if mode not in ("RGB", "L") or (pre.jpeg_draft and min(w, h) >= 2 * pre.resize):

@@ -40,6 +40,9 @@ def pool(t: torch.Tensor, how: str, nhwc: bool = False) -> torch.Tensor:
         return t.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1.0 / 3)
     if how.startswith("grid"):
         k = int(how[4:])
+        if k > min(t.shape[2], t.shape[3]):  # a finer grid than the map repeats its cells (and can fill memory)
+            raise FeatxError(f"--pool {how} asks for a {k}x{k} grid, but the tapped map is {t.shape[2]}x{t.shape[3]}; "
+                             f"use gridK with K <= {min(t.shape[2], t.shape[3])}, or tap an earlier layer.")
         return F.adaptive_avg_pool2d(t, k).flatten(1)
     raise FeatxError(f"unknown pooling {how!r}; allowed: {', '.join(POOLS)}.")
 
@@ -82,10 +85,13 @@ class TapRecorder:
 
             channels_last_map = bool(self.nhwc) and (module == self.nhwc or module.startswith(self.nhwc + "."))
 
-            def record(t, wanted=wanted, cl=channels_last_map):
+            def record(t, wanted=wanted, cl=channels_last_map, module=module):
                 for name, how in wanted:
                     if name not in self.out:  # first call wins for modules used twice
-                        self.out[name] = pool(t, how, cl).float()
+                        try:
+                            self.out[name] = pool(t, how, cl).float()
+                        except FeatxError as e:
+                            raise FeatxError(f"tap {module}: {e}") from None
                 if len(self.out) == len(self.taps):
                     raise _Done
 
@@ -110,6 +116,40 @@ class TapRecorder:
         if missing:
             raise FeatxError(f"layers {sorted(missing)} were never called in the forward pass.")
         return self.out
+
+
+def map_sizes(model: nn.Module, modules: list[str], x: torch.Tensor, nhwc: str | None = None) -> dict[str, tuple]:
+    """(H, W) of what each module (or ``module:input``) produces for ``x``, from one
+    forward pass that stops once all have fired; a token sequence (N, L, D) is an L x 1
+    map, a vector a 1 x 1 map (as :func:`pool` sees them)."""
+    sizes: dict[str, tuple] = {}
+    named = dict(model.named_modules())
+    handles = []
+
+    def record(module, t):
+        if module not in sizes:
+            cl = bool(nhwc) and (module == nhwc or module.startswith(nhwc + "."))
+            sizes[module] = (tuple(t.shape[1:3]) if cl else tuple(t.shape[2:4])) if t.ndim == 4 else \
+                (int(t.shape[1]), 1) if t.ndim == 3 else (1, 1)
+        if len(sizes) == len(modules):
+            raise _Done
+
+    for module in modules:
+        is_input = module.endswith(registry.INPUT_SUFFIX)
+        m = named[module[: -len(registry.INPUT_SUFFIX)] if is_input else module]
+        if is_input:
+            handles.append(m.register_forward_pre_hook(lambda mod, args, k=module: record(k, args[0])))
+        else:
+            handles.append(m.register_forward_hook(lambda mod, args, out, k=module: record(k, out)))
+    try:
+        with torch.inference_mode():
+            model(x)
+    except _Done:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
 
 
 def describe(name: str) -> dict:
