@@ -139,5 +139,11 @@ def parse_grid(text: str) -> dict[str, list]:
             raise FeatxError(f"--grid {text!r}: values must be numbers.") from None
         if not values:
             raise FeatxError(f"--grid {text!r}: {k} has no values.")
-        grid[k.strip()] = values
+        k = k.strip()
+        lowest = 0 if k == "alpha" else 1 if k in ("hidden", "n_components", "max_iter") else None
+        for x in values:
+            if not np.isfinite(x) or (x < lowest if lowest is not None else x <= 0):
+                allowed = f">= {lowest}" if lowest is not None else "> 0"
+                raise FeatxError(f"--grid {text!r}: {k}={x} is out of range; every value must be finite and {allowed}.")
+        grid[k] = values
     return grid

@@ -35,12 +35,13 @@ from torchvision.transforms import v2 as T
 from featx import plots
 from featx.decode import Decoded, collate
 from featx.device import autocast_dtype, resolve_device
-from featx.errors import FeatxError
+from featx.errors import FeatxError, root_cause
+from featx.files import atomic_open, check_output
 from featx.graph import AUTO_MIN_TRAIN_IMAGES, COMPILE_MODES, should_compile
 from featx.heads import Head, apply_freeze, replace_head, train_mode, trainable_prefixes
 from featx.preprocess import Normalizer, Preprocess
 from featx.sources import Source
-from featx.weights import load_backbone, preprocess_for, resolve_weights, save_finetuned
+from featx.weights import load_backbone, preprocess_for, resolve_weights, save_finetuned, save_tensors
 
 AUGMENTS = ("default", "light", "none")
 OPTIMIZERS = ("adamw", "sgd")
@@ -122,10 +123,18 @@ def _check(train: Source, val: Source | None, c: FinetuneConfig) -> None:
         raise FeatxError("the training split has a single class; fine-tuning needs at least two.")
     if val is not None and len(val) == 0:
         raise FeatxError("the validation split is empty.")
-    if not 0 < c.backbone_lr_mult <= 1:
-        raise FeatxError(f"--backbone-lr-mult {c.backbone_lr_mult} is out of range; use a value in (0, 1].")
+    for option, value, ok, allowed in (
+            ("--lr", c.lr, c.lr > 0, "a positive number"),
+            ("--backbone-lr-mult", c.backbone_lr_mult, 0 < c.backbone_lr_mult <= 1, "a value in (0, 1]"),
+            ("--label-smoothing", c.label_smoothing, 0 <= c.label_smoothing < 1, "a value in [0, 1)"),
+            ("weight_decay", c.weight_decay, c.weight_decay >= 0, "a number >= 0"),
+            ("dropout", c.dropout, 0 <= c.dropout < 1, "a value in [0, 1)")):
+        if not (math.isfinite(value) and ok):
+            raise FeatxError(f"{option} {value} is out of range; use {allowed}.")
     if c.epochs < 1:
         raise FeatxError("--epochs must be at least 1.")
+    if c.batch_size < 1 or c.hidden < 1 or c.warmup_epochs < 0:
+        raise FeatxError("--batch-size and the hidden units must be at least 1, --warmup-epochs at least 0.")
     if c.augment not in AUGMENTS:
         raise FeatxError(f"--augment {c.augment!r} is not one of {', '.join(AUGMENTS)}.")
     if c.optimizer not in OPTIMIZERS:
@@ -138,6 +147,10 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class Diverged(FeatxError):
+    """Training produced a non-finite loss or non-finite weights."""
 
 
 class Trainer:
@@ -215,15 +228,17 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - a compiler failure: this step again, eagerly
                 if self.forward is self.model:
                     raise
-                warnings.warn(f"compiling the training step failed ({type(e).__name__}: {str(e)[:200]}); "
-                              f"training eagerly.", stacklevel=2)
+                warnings.warn(f"compiling the training step failed ({root_cause(e)}); training eagerly.", stacklevel=2)
                 self.forward, self.compiled = self.model, False
                 self.opt.zero_grad(set_to_none=True)
                 logits, loss = self._step(x, y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise Diverged(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}")
             self.scaler.step(self.opt)
             self.scaler.update()
             step += 1
-            loss_sum += float(loss.detach()) * len(good)
+            loss_sum += value * len(good)
             correct += int((logits.argmax(1) == y).sum())
             n += len(good)
             if max_steps is not None and step >= max_steps:
@@ -250,10 +265,19 @@ class Trainer:
                     continue
                 y = torch.as_tensor(self.val_src.labels[good], device=self.device)
                 logits = self.model(self.normalize(x)).float()
-                loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+                loss = float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+                if not math.isfinite(loss):
+                    raise Diverged(f"the validation loss is {loss}")
+                loss_sum += loss
                 correct += int((logits.argmax(1) == y).sum())
                 n += len(good)
         return loss_sum / max(n, 1), correct / max(n, 1)
+
+    def check_finite(self) -> None:
+        """Raise :class:`Diverged` if any trained parameter is not finite."""
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(p).all()):
+                raise Diverged(f"parameter {name} is not finite")
 
     def export(self, out: Path, row: dict) -> None:
         """backbone.pt + backbone.json: what ``extract --weights`` and ``predict`` read."""
@@ -294,8 +318,8 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
         raise FeatxError(f"{out} holds a run already; use --resume to continue it, or another --out.")
     if resume and not ckpt_path.exists():
         raise FeatxError(f"--resume: no checkpoint in {out}.")
+    check_output(out, folder=True, what="--out")
     trainer = Trainer(train, val, c)
-    out.mkdir(parents=True, exist_ok=True)
     start_epoch, step, best_acc, history = 0, 0, -1.0, []
     if resume:
         ck = torch.load(ckpt_path, map_location=trainer.device, weights_only=True)
@@ -306,9 +330,15 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
         log(f"resuming after epoch {ck['epoch'] + 1} of {c.epochs}")
     for epoch in range(start_epoch, c.epochs):
         t0 = time.perf_counter()
-        row, step = trainer.train_epoch(epoch, step, max_steps)
-        if val is not None:
-            row["val_loss"], row["val_acc"] = trainer.validate()
+        try:
+            row, step = trainer.train_epoch(epoch, step, max_steps)
+            if val is not None:
+                row["val_loss"], row["val_acc"] = trainer.validate()
+            trainer.check_finite()
+        except Diverged as e:
+            kept = (f"the files of epoch {len(history)} in {out} are kept as they were" if history
+                    else f"nothing was written to {out}")
+            raise FeatxError(f"training diverged: {e} (is --lr {c.lr:g} too high?); {kept}.") from None
         row["seconds"] = time.perf_counter() - t0
         row["images_per_s"] = len(train) / row["seconds"]
         history.append(row)
@@ -320,10 +350,8 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
             best_acc = score
             trainer.export(out, row)
         _write_metrics(out, history)
-        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save({**trainer.checkpoint(), "epoch": epoch, "step": step, "best_acc": best_acc,
-                    "history": json.dumps(history), "config": cfg_json}, tmp)
-        os.replace(tmp, ckpt_path)
+        save_tensors({**trainer.checkpoint(), "epoch": epoch, "step": step, "best_acc": best_acc,
+                      "history": json.dumps(history), "config": cfg_json}, ckpt_path)
         if max_steps is not None and step >= max_steps:
             break
     return {"history": history, "best": best_acc, "weights": str(out / "backbone.pt")}
@@ -331,7 +359,7 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
-    with open(out / "metrics.csv", "w", newline="") as f:
+    with atomic_open(out / "metrics.csv", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(history)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn import metrics as skm
-from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -29,6 +28,7 @@ from featx.errors import FeatxError
 from featx.linear import FastLogisticRegression
 from featx.metrics import evaluate, evaluate_batches
 from featx.online import batch_rows
+from featx.sources import stratified_holdout
 from featx.store import FeatureStore, check_provenance
 from featx.stream import Part, RowStream
 
@@ -61,15 +61,62 @@ def _grid_points(grid: dict[str, list]) -> list[dict]:
 
 
 def _check_labels(y: np.ndarray, what: str) -> None:
+    if len(y) == 0:
+        raise FeatxError(f"{what} has no rows (did every image fail to decode? `featx info` lists the failures).")
     if (y < 0).any():
         raise FeatxError(f"{what} has {(y < 0).sum()} unlabeled rows (label -1); fit needs labelled features.")
     if len(np.unique(y)) < 2:
         raise FeatxError(f"{what} has a single class; a classifier needs at least two.")
 
 
+def holdout(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows when there is no validation file: a stratified, seeded
+    ``fraction`` of every class, as sweep and finetune hold out images
+    (:func:`featx.sources.stratified_holdout`): a class of a single row stays in training."""
+    if not (0 < fraction < 1):
+        raise FeatxError(f"--val-fraction {fraction} is out of range; use a value in (0, 1).")
+    train, val = stratified_holdout(y, fraction, seed)
+    if len(val) == 0:
+        raise FeatxError("no row can be held out for validation: every class has a single row; give a --val file, "
+                         "or --search none to fit with default settings.")
+    return train, val
+
+
+# In memory, scikit-learn's SVM calibrates its probabilities on 5 stratified folds, and its
+# MLP holds out 10 % of the training rows for early stopping (at least 2 rows).
+SVM_FOLDS = 5
+MLP_HOLDOUT = 0.1
+
+
+def check_class_sizes(clf: str, y: np.ndarray, classes: list[str] | None = None, what: str = "the training rows") -> None:
+    """Refuse, naming the class and its count, what scikit-learn would fail on with a traceback."""
+    labels, counts = np.unique(y, return_counts=True)
+    k = int(np.argmin(counts))
+    name = classes[labels[k]] if classes is not None and 0 <= labels[k] < len(classes) else str(labels[k])
+    if clf == "svm" and counts[k] < SVM_FOLDS:
+        raise FeatxError(f"class {name!r} has {counts[k]} of {what}, and --clf svm needs at least {SVM_FOLDS} per "
+                         f"class (it calibrates its probabilities on {SVM_FOLDS} folds); add images, or use --clf logreg.")
+    need = int(np.floor(1 / MLP_HOLDOUT)) + 1
+    if clf == "mlp" and len(y) < need:
+        raise FeatxError(f"--clf mlp holds out {MLP_HOLDOUT:.0%} of {what} (2 rows at least) for early stopping, so "
+                         f"it needs at least {need} of them, and there are {len(y)}; add images, or use --clf logreg.")
+
+
+def check_finite(X: np.ndarray, what: str) -> None:
+    """Refuse features with nan or inf (scikit-learn would fail on them with a traceback)."""
+    bad = nonfinite(X)
+    if len(bad):
+        raise FeatxError(f"{what} have non-finite values (nan or inf) in {len(bad)} rows, the first at row {bad[0]}.")
+
+
+def nonfinite(X: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``X`` with a nan or inf."""
+    return np.flatnonzero(~np.isfinite(X).all(axis=1)) if X.size else np.zeros(0, np.int64)
+
+
 def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_val=None,
                val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
-               seed: int = 0, refit: bool = True, report: bool = True) -> FitResult:
+               seed: int = 0, refit: bool = True, report: bool = True, classes: list[str] | None = None) -> FitResult:
     """Select hyper-parameters on a held-out split and fit the final pipeline.
 
     Args:
@@ -85,20 +132,27 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
             the model fitted on train alone is returned.
         report: compute the full validation metrics of the selected model (per class,
             confusion matrix); without it only the search's accuracies are kept.
+        classes: the class names (they name a class that is too small in the error).
     """
     t0 = time.perf_counter()
     X = np.asarray(X, dtype=np.float32)
     _check_labels(y, "the training set")
+    check_finite(X, "the training features")
     grid = DEFAULT_GRIDS[clf] if search == "auto" else ({} if search == "none" else search)
     if not grid and X_val is None:
+        check_class_sizes(clf, y, classes)
         pipe = make_classifier(clf, n_samples=len(X), class_weight=class_weight, seed=seed)
         pipe.fit(X, y, **fit_params(clf, class_weight, y))
         return FitResult(pipe, {}, [], None, time.perf_counter() - t0)
     if X_val is None:
-        X_tr, X_val, y_tr, y_val = train_test_split(X, y, test_size=val_fraction, stratify=y, random_state=seed)
+        tr, va = holdout(y, val_fraction, seed)
+        X_tr, X_val, y_tr, y_val = X[tr], X[va], y[tr], y[va]
     else:
         X_tr, y_tr = X, y
         X_val = np.asarray(X_val, dtype=np.float32)
+        check_finite(X_val, "the validation features")
+    check_class_sizes(clf, y_tr, classes, "the training rows left after the hold-out" if X_val is not None else
+                      "the training rows")
     points = _grid_points(grid) or [{}]
     if clf == "logreg" and set(grid) <= {"C"}:
         rows, best_pipe = _logreg_path(X_tr, y_tr, X_val, y_val, sorted(p.get("C", 1.0) for p in points),
@@ -166,8 +220,11 @@ def buffer_rows_for(budget: int, width: int) -> int:
 
 def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "logreg", val: FeatureStore | None = None,
                     val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
-                    seed: int = 0, memory_budget: int | None = None) -> FitResult:
+                    seed: int = 0, memory_budget: int | None = None, rows: np.ndarray | None = None,
+                    val_rows: np.ndarray | None = None) -> FitResult:
     """:func:`fit_arrays`' protocol on features larger than memory, streamed from the file.
+
+    ``rows`` and ``val_rows`` (boolean masks) leave rows of the files out (``--drop-nonfinite``).
 
     The same hold-out (the same rows as in memory, or the ``val`` file), the same grid,
     then a refit on train + validation with the selected value.  Each fit streams
@@ -179,19 +236,20 @@ def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "log
     t0 = time.perf_counter()
     tap = tap or store.default_tap
     y = store.labels
-    _check_labels(y, "the training set")
+    _check_labels(y if rows is None else y[rows], "the training set")
     budget = memory_budget if memory_budget is not None else default_budget()
     grid = DEFAULT_GRIDS[clf] if search == "auto" else ({} if search == "none" else dict(search))
     reg = "alpha" if clf == "mlp" else "C"
-    everything = [Part(store, tap)] + ([Part(val, tap)] if val is not None else [])
+    everything = [Part(store, tap, rows)] + ([Part(val, tap, val_rows)] if val is not None else [])
     if not grid and val is None:
         pipe, est = _fit_streamed(clf, everything, {}, None, class_weight, seed, budget)
         return FitResult(pipe, {}, [], None, time.perf_counter() - t0, True, _convergence(est))
     if val is None:
-        tr, va = train_test_split(np.arange(len(y)), test_size=val_fraction, stratify=y, random_state=seed)
-        train_parts, val_parts = [Part(store, tap, _mask(tr, len(y)))], [Part(store, tap, _mask(va, len(y)))]
+        use = np.arange(len(y)) if rows is None else np.flatnonzero(rows)
+        tr, va = holdout(y[use], val_fraction, seed)
+        train_parts, val_parts = [Part(store, tap, _mask(use[tr], len(y)))], [Part(store, tap, _mask(use[va], len(y)))]
     else:
-        train_parts, val_parts = [Part(store, tap)], [Part(val, tap)]
+        train_parts, val_parts = [Part(store, tap, rows)], [Part(val, tap, val_rows)]
     rows, best = [], None
     path = grid.get(reg)
     for other in _grid_points({k: v for k, v in grid.items() if k != reg}):
@@ -208,7 +266,7 @@ def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "log
     selected, est = best[0], best[1]
     val_metrics = evaluate_batches(selected, RowStream(val_parts, buffer_rows_for(budget, store.dim(tap)),
                                                        seed=seed).sequential())
-    refit_parts = [Part(store, tap)] + ([Part(val, tap)] if val is not None else [])
+    refit_parts = everything
     epochs = est.best_epoch_ if clf == "mlp" else None  # the MLP: as many epochs as validation chose
     pipe, final = _fit_streamed(clf, refit_parts, chosen["params"], None, class_weight, seed, budget, epochs)
     return FitResult(pipe, chosen["params"], rows, val_metrics, time.perf_counter() - t0, True,
@@ -270,16 +328,6 @@ def _convergence(est, epochs_from_validation: bool = False) -> dict:
 # ----------------------------------------------------------------------------- the policy
 
 
-def parse_size(text: str, option: str = "--memory-budget") -> int:
-    """``"512MB"``, ``"4G"``, ``"1.5GiB"`` or a number of bytes -> bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().rstrip("b").rstrip("i")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
-    except ValueError:
-        raise FeatxError(f"{option} {text!r} is not a size such as 512MB or 4GB.") from None
-
-
 def default_budget() -> int:
     """A quarter of the physical memory (4 GB where it cannot be read)."""
     try:
@@ -303,7 +351,7 @@ def open_val(path: str | os.PathLike, tap: str, provenance: dict) -> FeatureStor
 
 def fit_store(store: FeatureStore, tap: str | None = None, clf: str = "logreg", val_path=None,
               val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
-              seed: int = 0, memory_budget: int | None = None, log=None) -> FitResult:
+              seed: int = 0, memory_budget: int | None = None, log=None, drop_nonfinite: bool = False) -> FitResult:
     """``featx fit`` on an open feature file: in memory when the tap's features fit
     ``memory_budget`` (default :func:`default_budget`), out of core otherwise.
 
@@ -311,19 +359,47 @@ def fit_store(store: FeatureStore, tap: str | None = None, clf: str = "logreg", 
         store: the training features.
         tap: the stored tap to fit on (default: the file's default tap).
         val_path: a validation feature file (checked against the training features).
-        log: called with one sentence when the fit goes out of core.
+        log: called with one sentence when the fit goes out of core, or rows are dropped.
+        drop_nonfinite: leave out rows with nan or inf features (saying how many) instead
+            of refusing the file.
     """
     tap = tap or store.default_tap
     budget = memory_budget if memory_budget is not None else default_budget()
+    log = log or (lambda text: None)
     val = open_val(val_path, tap, store.provenance(tap)) if val_path else None
     try:
         if store.nbytes(tap) > budget:
-            if log:
-                log(f"{store.nbytes(tap) >> 20} MB of features exceed the memory budget of {budget >> 20} MB: "
-                    "fitting out of core (mini-batches streamed from the file).")
-            return fit_out_of_core(store, tap, clf, val, val_fraction, search, class_weight, seed, budget)
-        Xv, yv = (val.features(tap), val.labels) if val is not None else (None, None)
-        return fit_arrays(store.features(tap), store.labels, clf, Xv, yv, val_fraction, search, class_weight, seed)
+            log(f"{store.nbytes(tap) >> 20} MB of features exceed the memory budget of {budget >> 20} MB: "
+                "fitting out of core (mini-batches streamed from the file).")
+            rows = _finite_rows(store, tap, store.nonfinite_rows(tap), drop_nonfinite, log)
+            val_rows = _finite_rows(val, tap, val.nonfinite_rows(tap), drop_nonfinite, log) if val is not None else None
+            return fit_out_of_core(store, tap, clf, val, val_fraction, search, class_weight, seed, budget, rows,
+                                   val_rows)
+        X, y = store.features(tap), store.labels
+        keep = _finite_rows(store, tap, nonfinite(X), drop_nonfinite, log)
+        if keep is not None:
+            X, y = X[keep], y[keep]
+        Xv = yv = None
+        if val is not None:
+            Xv, yv = val.features(tap), val.labels
+            keep = _finite_rows(val, tap, nonfinite(Xv), drop_nonfinite, log)
+            if keep is not None:
+                Xv, yv = Xv[keep], yv[keep]
+        return fit_arrays(X, y, clf, Xv, yv, val_fraction, search, class_weight, seed, classes=store.classes)
     finally:
         if val is not None:
             val.close()
+
+
+def _finite_rows(store: FeatureStore, tap: str, bad: np.ndarray, drop: bool, log) -> np.ndarray | None:
+    """None when every row is finite; else the mask of the finite rows (``drop``), or the
+    sentence that refuses the file."""
+    if not len(bad):
+        return None
+    if not drop:
+        raise store.nonfinite_error(tap, bad, "or pass --drop-nonfinite to fit on the other rows")
+    log(f"{store.path}: leaving out {len(bad)} of {len(store)} rows whose {tap} features are not finite "
+        f"(the first: {store.ids_at([bad[0]])[0]}).")
+    keep = np.ones(len(store), bool)
+    keep[bad] = False
+    return keep

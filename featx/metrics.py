@@ -10,6 +10,8 @@ import numpy as np
 from sklearn import metrics as skm
 
 from featx import plots
+from featx.errors import FeatxError
+from featx.files import write_text
 
 
 def predict_in_chunks(pipe, X: np.ndarray, chunk: int = 8192):
@@ -70,11 +72,20 @@ def evaluate_batches(pipe, batches, class_names: list[str] | None = None) -> dic
 
 def evaluate_store(pipe, store, tap: str | None, class_names: list[str] | None = None,
                    chunk_rows: int = 16384) -> dict:
-    """:func:`scores` on a feature file read chunk by chunk."""
+    """:func:`scores` on a feature file read chunk by chunk (refusing rows with nan or inf)."""
+    if len(store) == 0:
+        raise FeatxError(f"{store.path} has no rows to evaluate on (did every image fail to decode?).")
     labels = store.labels
-    batches = ((store.features(tap, slice(s, s + chunk_rows)), labels[s:s + chunk_rows])
-               for s in range(0, len(store), chunk_rows))
-    return evaluate_batches(pipe, batches, class_names)
+
+    def batches():
+        for s in range(0, len(store), chunk_rows):
+            X = store.features(tap, slice(s, s + chunk_rows))
+            if not np.isfinite(X).all():
+                raise store.nonfinite_error(tap or store.default_tap, store.nonfinite_rows(tap),
+                                            "and evaluate again")
+            yield X, labels[s:s + chunk_rows]
+
+    return evaluate_batches(pipe, batches(), class_names)
 
 
 def format_table(m: dict) -> str:
@@ -85,8 +96,7 @@ def format_table(m: dict) -> str:
 def write_report(directory: str | os.PathLike, report: dict, class_names: list[str]) -> Path:
     """Write ``metrics.json`` and ``confusion_matrix.png`` into ``directory``."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "metrics.json").write_text(json.dumps(report, indent=1))
+    write_text(d / "metrics.json", json.dumps(report, indent=1))
     m = report.get("metrics", report)
     if m.get("confusion_matrix") is not None:
         plots.confusion_matrix(d / "confusion_matrix.png", m["confusion_matrix"], class_names, m.get("accuracy"))

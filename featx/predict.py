@@ -19,6 +19,7 @@ from featx import plots
 from featx.decode import open_rgb
 from featx.errors import FeatxError
 from featx.extract import ExtractConfig, FeatureExtractor, iterate
+from featx.files import atomic_open
 from featx.sources import files_source, open_source
 from featx.weights import finetuned_meta
 
@@ -101,7 +102,13 @@ def _classify_all(source, extractor, tap: str, classes: list[str], classify) -> 
     order: dict[int, dict] = {}
     for _, good, feats, bad in iterate(source, extractor, range(len(source))):
         if good:
-            names, out = classify(feats[tap])
+            X = feats[tap]
+            finite = np.isfinite(X).all(axis=1)
+            if not finite.all():  # the network's output (e.g. damaged weights): that image's error
+                bad = bad + [(i, "its features are not finite (nan or inf)") for i, ok in zip(good, finite) if not ok]
+                good, X = [i for i, ok in zip(good, finite) if ok], X[finite]
+        if good:
+            names, out = classify(X)
             for k, i in enumerate(good):
                 if names is None:
                     pred, probs = out[k], None
@@ -136,16 +143,29 @@ def predict_with_network(weights_file: str, inputs, batch_size=None, workers=Non
     return _classify_all(source, extractor, logits, meta["classes"], classify)
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV
+# injection"); ids and class names come from file and folder names anyone can choose.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """``value`` safe for a spreadsheet: a leading ``'`` where it would start a formula."""
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
 def write_predictions(path: str | os.PathLike, res: PredictResult) -> None:
-    """CSV: id, predicted, one probability column per class, error."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    """CSV: id, predicted, one probability column per class, error.
+
+    Text cells that a spreadsheet would run as a formula (starting with = + - @, a tab
+    or a carriage return) are written with a leading ``'``.
+    """
+    with atomic_open(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "predicted"] + [f"p_{c}" for c in res.classes] + ["error"])
         for r in res.rows:
             probs = [f"{r['probabilities'][c]:.6f}" if r["probabilities"] and c in r["probabilities"] else ""
                      for c in res.classes]
-            w.writerow([r["id"], r["predicted"] or ""] + probs + [r["error"] or ""])
+            w.writerow([csv_text(r["id"]), csv_text(r["predicted"] or "")] + probs + [csv_text(r["error"] or "")])
 
 
 def write_sheet(path: str | os.PathLike, res: PredictResult, max_images: int = 48) -> None:

@@ -30,6 +30,7 @@ class Source:
     ids: list[str]
     labels: np.ndarray
     classes: list[str]
+    note: str = ""  # one sentence for the user about how DATA was read (e.g. which split)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -80,6 +81,38 @@ class FileSource(Source):
 
     def describe(self) -> dict:
         return {**self._kind, "n_items": len(self)}
+
+
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+
+
+def split_folders(root: str | os.PathLike) -> list[str]:
+    """The split folders of a data folder, or [] when its subfolders are classes.
+
+    A folder is split into ``train/``, ``val/``, ``test/``... when at least one subfolder
+    with such a name holds folders (the classes); then every subfolder with such a name is
+    a split (an unlabeled ``test/`` of bare images included).  The one rule every command
+    applies to DATA.
+    """
+    root = Path(root)
+    try:
+        named = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES]
+        if not any(any(q.is_dir() for q in p.iterdir()) for p in named):
+            return []
+    except OSError:
+        return []
+    return sorted(p.name for p in named)
+
+
+def default_split(root: str | os.PathLike) -> str | None:
+    """The split a command reads from DATA when none is named: ``train`` in a folder of split
+    folders, None (all of it) in a folder of class folders."""
+    splits = split_folders(root)
+    if not splits:
+        return None
+    if "train" not in splits:
+        raise FeatxError(f"{root} holds split folders ({', '.join(splits)}) and no train/; choose one with --split.")
+    return "train"
 
 
 def folder_source(root: str | os.PathLike, split: str | None = None) -> FileSource:
@@ -257,7 +290,7 @@ def open_splits(data: str, split: str | None = None, val_split: str | None = Non
     is_tv = data.startswith("torchvision:")
     is_folder = not is_tv and Path(data).is_dir()
     if split is None:
-        split = "train" if is_tv or (is_folder and (Path(data) / "train").is_dir()) else None
+        split = "train" if is_tv else default_split(data) if is_folder else None
     train = open_source(data, split=split, root=root)
     where = f"{data}/{split}" if is_folder and split else data
     if val_split is not None:
@@ -287,6 +320,11 @@ def open_source(data: str, split: str | None = None, root: str | None = None) ->
         return list_source(p)
     if p.is_file() and _is_image(p.name):
         return files_source([data])
+    if split is None and p.is_dir() and (split := default_split(p)) is not None:
+        source = folder_source(p, split)
+        source.note = (f"{data} holds split folders ({', '.join(split_folders(p))}): reading {split}/ "
+                       "(--split chooses another).")
+        return source
     return folder_source(p, split)
 
 

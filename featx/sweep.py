@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from featx import plots, registry
 from featx.errors import FeatxError
 from featx.extract import ExtractConfig, extract
-from featx.fit import fit_arrays
+from featx.files import atomic_open, write_text
+from featx.fit import fit_arrays, holdout, nonfinite
 from featx.sources import Subset, open_splits
 from featx.store import FeatureStore, check_provenance
 
@@ -73,16 +73,19 @@ def probe(train, val, taps: list[str] | None = None, rows: np.ndarray | None = N
         check_provenance(train.provenance(t), val.provenance(t), f"the validation features {val.path}")
     y = train.labels if rows is None else train.labels[rows]
     if val is None:
-        idx = np.arange(len(y))
-        tr_idx, va_idx = train_test_split(idx, test_size=val_fraction, stratify=y, random_state=seed)
+        tr_idx, va_idx = holdout(y, val_fraction, seed)
     layers = list(dict.fromkeys(train.tap_info(t)["layer"] for t in taps))
     out = []
     for t in taps:
         X = train.features(t, rows=rows)
+        if len(bad := nonfinite(X)):
+            raise train.nonfinite_error(t, bad if rows is None else np.sort(rows[bad]), "and sweep again")
         if val is None:
             Xtr, ytr, Xva, yva = X[tr_idx], y[tr_idx], X[va_idx], y[va_idx]
         else:
             Xtr, ytr, Xva, yva = X, y, val.features(t), val.labels
+            if len(bad := nonfinite(Xva)):
+                raise val.nonfinite_error(t, bad, "and sweep again")
         t0 = time.perf_counter()
         r = fit_arrays(Xtr, ytr, "logreg", Xva, yva, search="auto", seed=seed, refit=False, report=False)
         info = train.tap_info(t)
@@ -143,15 +146,14 @@ def recommend(rows: list[ProbeRow], n_train: int, n_classes: int, backbone: str 
 def write_outputs(out: str | os.PathLike, rows: list[ProbeRow], advice: list[str], meta: dict) -> Path:
     """sweep.csv, sweep.json, accuracy_by_depth.png and recommendation.txt in ``out``."""
     d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / "sweep.csv", "w", newline="") as f:
+    with atomic_open(d / "sweep.csv", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         w.writeheader()
         for r in rows:
             w.writerow(asdict(r))
-    (d / "sweep.json").write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows],
-                                              "recommendation": advice}, indent=1))
-    (d / "recommendation.txt").write_text("\n".join(advice) + "\n")
+    write_text(d / "sweep.json", json.dumps({**meta, "rows": [asdict(r) for r in rows], "recommendation": advice},
+                                            indent=1))
+    write_text(d / "recommendation.txt", "\n".join(advice) + "\n")
     plots.accuracy_by_depth(d / "accuracy_by_depth.png", [(r.depth, r.layer, r.pool, r.val_accuracy) for r in rows],
                             f"linear probe per tap: {meta.get('backbone', '')}")
     return d
@@ -195,8 +197,9 @@ def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[st
     """
     blocks = block_taps(backbone)
     layers = blocks if not taps or taps == ["blocks"] else taps
+    # a gridK pooling is left out where a block's map is smaller than K x K (late blocks, small images)
     cfg = ExtractConfig(backbone=backbone, weights=weights, layers=tuple(layers), pools=tuple(pools),
-                        image_size=image_size, seed=seed, **(extract_kw or {}))
+                        image_size=image_size, seed=seed, small_maps="skip", **(extract_kw or {}))
     splits = open_splits(data, train_split, val_split, root, val_fraction, seed)
     if log:
         log(splits.note)
@@ -212,6 +215,11 @@ def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[st
         files[name] = out_dir / f"features_{name}.h5"
         extract(src, files[name], cfg)
     with FeatureStore(files["train"]) as tr:
+        if log and len(tr.taps) < len(layers) * len(pools):
+            stored = {(tr.tap_info(t)["layer"], tr.tap_info(t)["pool"]) for t in tr.taps}
+            left = [f"{p} on {layer}" for layer in layers for p in pools if (layer, p) not in stored]
+            log(f"left out, their maps being smaller than the grid: {', '.join(left[:6])}"
+                + (f" and {len(left) - 6} more" if len(left) > 6 else "") + ".")
         val = FeatureStore(files["val"]) if "val" in files else None
         try:
             return sweep_features(tr, val, out_dir, seed=seed, progress=progress, n_train=n_full, data=data,
