@@ -9,12 +9,58 @@ are imported inside the commands, so ``featx --help`` does not load torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import warnings
 
 import click
 
 from featx.errors import FeatxError
+
+# -- option types: every value is checked where it is parsed ---------------------------------
+
+
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange, which lets nan and inf through, without them."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
+
+
+class Size(click.ParamType):
+    """A positive size in bytes: 512MB, 4G, 1.5GiB or a number."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from featx.files import parse_size
+
+        try:
+            return parse_size(value, "/".join(param.opts) if param else "size")
+        except FeatxError as e:
+            self.fail(str(e), param, ctx)
+
+
+class Pooling(click.ParamType):
+    """avg, max, gem or gridK."""
+
+    name = "pooling"
+
+    def convert(self, value, param, ctx):
+        from featx.taps import check_pool
+
+        try:
+            return check_pool(value)
+        except FeatxError as e:
+            self.fail(str(e), param, ctx)
+
+
+SEED = click.IntRange(0, 2**32 - 1)
+MAX_BATCH = 4096  # every batch is padded to the batch size: an absurd one would fill memory at once
 
 # -- options shared by several commands (defined once) ------------------------------------
 
@@ -24,12 +70,12 @@ weights_option = click.option("--weights", default="DEFAULT", show_default=True,
                               help="DEFAULT, a weights name (IMAGENET1K_V1...), none (random), or a file.")
 split_option = click.option("--split", default=None, help="subfolder (folder data) or split (torchvision data) to read.")
 root_option = click.option("--root", default="data", show_default=True, help="where torchvision data sets live.")
-image_size_option = click.option("--image-size", type=click.IntRange(min=8), default=None,
+image_size_option = click.option("--image-size", type=click.IntRange(8, 4096), default=None,
                                  help="resize the shorter side to S and centre-crop SxS (default: the weights' own).")
 grayscale_option = click.option("--grayscale", is_flag=True, help="convert every image to gray (3 equal channels).")
-batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=None,
+batch_option = click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=None,
                             help="images per forward pass (default: 32 on CPU, 128 on CUDA).")
-workers_option = click.option("--workers", type=click.IntRange(min=0), default=None,
+workers_option = click.option("--workers", type=click.IntRange(0, 256), default=None,
                               help="decoding processes (default: one per core, at most 8).")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
@@ -38,29 +84,47 @@ compile_option = click.option(
     "--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
     help="run the network as a compiled graph cut after the last tap (torch.compile); auto: when there are "
     "enough images to pay for compiling (docs: README).")
-seed_option = click.option("--seed", type=int, default=0, show_default=True,
+seed_option = click.option("--seed", type=SEED, default=0, show_default=True,
                            help="seed of random choices (and of random weights with --weights none).")
 
 
 class FeatxGroup(click.Group):
-    """A click group that reports the library's FeatxError as a click error."""
+    """A click group that reports the library's FeatxError (and any OSError: a full disk, a
+    read-only folder) as one sentence: click's error, exit status 1, no traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except FeatxError as e:
-            rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-            if rank is None:
-                raise click.ClickException(str(e)) from None
-            if rank and getattr(e, "every_rank", False):
-                sys.exit(1)  # under torchrun: rank 0 prints what every rank knows
-            raise click.ClickException(str(e) if getattr(e, "every_rank", False) else f"rank {rank}: {e}") from None
+            _fail(e)
+        except OSError as e:
+            from featx.files import os_error
+
+            _fail(os_error(e, "use"))
+
+
+def _fail(e: FeatxError):
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if rank is None:
+        raise click.ClickException(str(e)) from None
+    if rank and getattr(e, "every_rank", False):
+        sys.exit(1)  # under torchrun: rank 0 prints what every rank knows
+    raise click.ClickException(str(e) if getattr(e, "every_rank", False) else f"rank {rank}: {e}") from None
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"featx: warning: {message}\n"
+
+
+def _say(text: str) -> None:
+    click.echo(text, err=True)
 
 
 @click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featx")
 def main():
     """featx: transfer learning by feature extraction (torchvision -> HDF5 -> scikit-learn)."""
+    warnings.formatwarning = _format_warning  # process-wide, so set here, once: one line per warning
 
 
 # -- extraction ---------------------------------------------------------------------------
@@ -73,8 +137,8 @@ def main():
 @backbone_option
 @weights_option
 @click.option("--layer", "layers", multiple=True, help="tap a named module (repeatable; default: the backbone's pooled output).")
-@click.option("--pool", "pools", multiple=True, default=("avg",), show_default=True,
-              help="avg, max, gem or gridK (KxK spatial grid); repeatable.")
+@click.option("--pool", "pools", type=Pooling(), multiple=True, default=("avg",), show_default=True,
+              help="avg, max, gem or gridK (KxK spatial grid, K at most the tapped map's size); repeatable.")
 @image_size_option
 @grayscale_option
 @batch_option
@@ -104,6 +168,7 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
     file: torchrun --nproc_per_node=N -m featx extract ...
     """
     from featx.decode import DEFAULT_MAX_PIXELS
+    from featx.distributed import from_env
     from featx.extract import ExtractConfig
     from featx.extract import extract as run
     from featx.registry import check_backbone
@@ -111,6 +176,8 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
 
     check_backbone(backbone)  # before scanning a possibly large folder
     source = open_source(data, split=split, root=root)
+    if source.note and from_env().is_main:
+        _say(source.note)
     config = ExtractConfig(
         backbone=backbone, weights=weights, layers=tuple(layers), pools=tuple(dict.fromkeys(pools)),
         image_size=image_size, grayscale=grayscale, batch_size=batch_size, workers=workers, device=device,
@@ -118,9 +185,7 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, seed=seed, cache=None if no_cache else "auto",
         compile=compile_mode,
     )
-    from featx.distributed import from_env
-
-    r = run(source, out, config, overwrite=overwrite, unit_items=unit_size)
+    r = run(source, out, config, overwrite=overwrite, unit_items=unit_size, log=_say)
     if not from_env().is_main:
         return  # under torchrun, rank 0 reports for the job
     if r.already_complete:
@@ -130,12 +195,14 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
         click.echo(f"{out}: this process extracted {r.units_done} work units; the file is assembled when every "
                    f"unit is done (`featx info {out}` shows which are missing).")
         return
-    resumed = f", resumed after {r.resumed_from} items" if r.resumed_from else ""
-    rate = (r.n_items - r.resumed_from) / r.seconds if r.seconds else 0
+    computed = r.n_items - r.resumed_from
     cached = f", {r.cache_hits} from the cache" if r.cache_hits else ""
-    compiled = ", compiled" if r.compiled else ""
-    click.echo(f"wrote {out}: {r.n_rows} rows from {r.n_items} images, {len(r.failed)} failed{cached}"
-               f"{resumed} ({rate:.1f} img/s{compiled})")
+    if computed:
+        resumed = f", resumed after {r.resumed_from} items" if r.resumed_from else ""
+        rate = f" ({computed / r.seconds:.1f} img/s{', compiled' if r.compiled else ''})" if r.seconds else ""
+    else:
+        resumed, rate = "", " (assembled from work units extracted earlier)"
+    click.echo(f"wrote {out}: {r.n_rows} rows from {r.n_items} images, {len(r.failed)} failed{cached}{resumed}{rate}")
     for i, err in r.failed[:10]:
         click.echo(f"  failed: {i}: {err}", err=True)
     if len(r.failed) > 10:
@@ -187,7 +254,11 @@ def info(path, as_json):
         click.echo(json.dumps(d, indent=1, default=str))
         return
     if not d["complete"]:
-        click.echo(f"{path}: INCOMPLETE ({d['progress']}); rerun to finish: {d.get('command')}")
+        how = (f"rerun to finish: {d['command']}" if d.get("command") else
+               "rerun the command that made it to finish it")
+        if d.get("world_size"):
+            how += f" (it ran as {d['world_size']} processes under torchrun; any number of processes can finish it)"
+        click.echo(f"{path}: INCOMPLETE ({d['progress']}); {how}")
         sys.exit(2)
     click.echo(f"{path}: complete, {d['format']}")
     click.echo(f"  rows {d['rows']}, failed {d['failed']}, classes {len(d['classes'])}: {', '.join(d['classes'][:10])}")
@@ -225,11 +296,9 @@ def cache():
 @click.option("--json", "as_json", is_flag=True)
 def cache_info(as_json):
     """Entries, size, and per setting its entries and hit rate."""
-    from featx.cache import FeatureCache, default_location
-
-    c = FeatureCache.open()
+    c = _existing_cache()
     if c is None:
-        raise FeatxError(f"the feature cache at {default_location()} cannot be read.")
+        return
     d = c.info()
     c.close()
     if as_json:
@@ -244,21 +313,36 @@ def cache_info(as_json):
 
 
 @cache.command("prune")
-@click.option("--max-size", required=True, help="evict the least recently used vectors until the cache is this "
-              "small, e.g. 20G or 500MB.")
+@click.option("--max-size", required=True, type=Size(), help="evict the least recently used vectors until the "
+              "cache holds at most this much, e.g. 20G or 500MB (to empty it, remove its folder).")
 def cache_prune(max_size):
     """Evict the least recently used vectors."""
-    from featx.cache import FeatureCache, default_location
-    from featx.fit import parse_size
-
-    limit = parse_size(max_size, "--max-size")
-    c = FeatureCache.open()
+    c = _existing_cache()
     if c is None:
-        raise FeatxError(f"the feature cache at {default_location()} cannot be read.")
+        return
     before = c.size()
-    removed = c.prune(limit)
-    click.echo(f"{c.root}: removed {removed} vectors, {before / 2**20:.1f} MB -> {c.size() / 2**20:.1f} MB")
-    c.close()
+    try:
+        removed, compacted = c.prune(max_size)
+        after = c.size()
+    finally:
+        c.close()
+    note = "" if compacted else (" (the file was not compacted: the disk lacks the room that needs; the cache reuses "
+                                 "the freed space)")
+    click.echo(f"{c.root}: removed {removed} vectors, {before / 2**20:.1f} MB -> {after / 2**20:.1f} MB{note}")
+
+
+def _existing_cache():
+    """The feature cache, None (after saying so) when there is none yet: reading never makes one."""
+    from featx.cache import FeatureCache, default_location
+
+    root = default_location()
+    if not (root / "index.sqlite").is_file():
+        click.echo(f"there is no feature cache at {root} yet (the first `featx extract` makes it).")
+        return None
+    c = FeatureCache.open(root, create=False, log=_say)
+    if c is None:
+        raise FeatxError(f"the feature cache at {root} cannot be read (the warning above says why).")
+    return c
 
 
 # -- classifiers --------------------------------------------------------------------------
@@ -269,35 +353,41 @@ def cache_prune(max_size):
 @click.option("--clf", type=click.Choice(["logreg", "svm", "mlp"]), default="logreg", show_default=True)
 @click.option("--tap", default=None, help="stored tap to fit on (default: the file's default tap).")
 @click.option("--val", "val_path", type=click.Path(), default=None, help="a validation feature file for selection.")
-@click.option("--val-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True,
+@click.option("--val-fraction", type=FiniteFloat(0.01, 0.9), default=0.2, show_default=True,
               help="held-out share of the training rows when --val is not given.")
 @click.option("--search", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
               help="auto: the classifier's default grid; none: default hyper-parameters.")
 @click.option("--grid", default=None, help="your own grid, e.g. 'C=0.01,0.1,1' (overrides --search).")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
-@click.option("--memory-budget", default=None, help="stores larger than this are fitted out of core "
+@click.option("--memory-budget", type=Size(), default=None, help="stores larger than this are fitted out of core "
               "(default: a quarter of RAM).")
+@click.option("--drop-nonfinite", is_flag=True, help="leave out rows whose features hold nan or inf (saying how "
+              "many) instead of refusing the file.")
 @seed_option
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="model bundle to write (.skops).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
               help="directory for metrics.json and confusion_matrix.png (default: <out>-report/).")
 @click.option("--pickle", "use_pickle", is_flag=True, help="save with joblib/pickle instead of skops (unsafe to share).")
-def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, memory_budget, seed, out,
-        report_dir, use_pickle):
+def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, memory_budget, drop_nonfinite,
+        seed, out, report_dir, use_pickle):
     """Train a classifier on FEATURES, select its hyper-parameters, save a model bundle."""
     from featx import bundle as bundle_mod
     from featx.classifiers import parse_grid
-    from featx.fit import fit_store, parse_size
+    from featx.files import check_output
+    from featx.fit import fit_store
     from featx.metrics import format_table, write_report
     from featx.store import FeatureStore
 
     cw = None if class_weight == "none" else class_weight
-    budget = parse_size(memory_budget) if memory_budget else None
     spec = parse_grid(grid) if grid else search
+    rd = report_dir or os.path.splitext(out)[0] + "-report"
+    check_output(out, what="--out")  # both, before the fit: a bundle without its report is no use
+    check_output(rd, folder=True, what="--report")
     with FeatureStore(features) as store:
         tap = tap or store.default_tap
         prov = store.provenance(tap)
-        result = fit_store(store, tap, clf, val_path, val_fraction, spec, cw, seed, budget, log=click.echo)
+        result = fit_store(store, tap, clf, val_path, val_fraction, spec, cw, seed, memory_budget, log=click.echo,
+                           drop_nonfinite=drop_nonfinite)
     meta = {**prov, "clf": clf, "params": result.params, "fit_seconds": result.fit_seconds,
             "features_file": os.path.abspath(features), "out_of_core": result.out_of_core,
             "convergence": result.convergence}
@@ -315,7 +405,6 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
               "convergence": result.convergence, "metrics": result.val_metrics, "split": "validation"}
     if result.val_metrics:
         click.echo("validation:\n" + format_table(result.val_metrics))
-        rd = report_dir or os.path.splitext(out)[0] + "-report"
         write_report(rd, report, prov["classes"])
         click.echo(f"report: {rd}/metrics.json, {rd}/confusion_matrix.png")
     click.echo(f"saved {out} ({clf} on {tap}, {result.fit_seconds:.1f}s)")
@@ -330,9 +419,12 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
 def evaluate(model, features, report_dir, allow_pickle):
     """Score MODEL on a labelled feature file; print and save the metrics."""
     from featx import bundle as bundle_mod
+    from featx.files import check_output
     from featx.metrics import evaluate_store, format_table, write_report
     from featx.store import FeatureStore, check_provenance
 
+    if report_dir:
+        check_output(report_dir, folder=True, what="--report")
     b = bundle_mod.load(model, allow_pickle=allow_pickle)
     tap = b.meta["tap"]
     with FeatureStore(features) as store:
@@ -363,10 +455,16 @@ def evaluate(model, features, report_dir, allow_pickle):
 @click.option("--allow-pickle", is_flag=True, help="accept a joblib/pickle bundle (runs code from the file).")
 def predict(model, inputs, out, sheet, weights, batch_size, workers, device, compile_mode, allow_pickle):
     """Classify images (a folder, a CSV list, or image files) with MODEL."""
+    from featx.files import check_output
     from featx.predict import predict_images, write_predictions, write_sheet
 
+    check_output(out, what="--out")  # before the images are read
+    if sheet:
+        check_output(sheet, what="--sheet")
     res = predict_images(model, list(inputs), weights=weights, batch_size=batch_size, workers=workers,
                          device=device, allow_pickle=allow_pickle, compile=compile_mode)
+    if getattr(res.source, "note", ""):
+        _say(res.source.note)
     write_predictions(out, res)
     n_ok = sum(1 for r in res.rows if r["error"] is None)
     click.echo(f"wrote {out}: {n_ok} images classified, {len(res.rows) - n_ok} failed")
@@ -389,12 +487,13 @@ def predict(model, inputs, out, sheet, weights, batch_size, workers, device, com
 @weights_option
 @click.option("--taps", "taps", multiple=True, default=("blocks",), show_default=True,
               help="'blocks' (every block of the backbone) or layer names; repeatable.")
-@click.option("--pool", "pools", multiple=True, default=("avg",), show_default=True, help="repeatable.")
+@click.option("--pool", "pools", type=Pooling(), multiple=True, default=("avg",), show_default=True,
+              help="repeatable.")
 @click.option("--clf", type=click.Choice(["logreg"]), default="logreg", show_default=True,
               help="the probe: featx fit's logistic regression with its C search.")
 @click.option("--train-split", default=None, help="training split (default: train/ if DATA has one, else all of DATA).")
 @click.option("--val-split", default=None, help="validation split (default: val/ if DATA has one, else a hold-out).")
-@click.option("--val-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True,
+@click.option("--val-fraction", type=FiniteFloat(0.01, 0.9), default=0.2, show_default=True,
               help="stratified, seeded share of the training images held out when there is no validation split.")
 @click.option("--max-per-class", type=click.IntRange(min=1), default=None, help="subsample for a quick survey.")
 @root_option
@@ -416,11 +515,10 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
 
     if (data is None) == (train_path is None):
         raise FeatxError("give either DATA (images) or --train FEATURES.h5, not both or neither.")
-    if data is not None:
-        from featx.taps import check_pool
+    from featx.files import check_output
 
-        for p in pools:
-            check_pool(p)
+    check_output(out, folder=True, what="--out")
+    if data is not None:
         _, advice = sw.sweep_images(data, out, backbone, weights, list(taps), list(pools), train_split,
                                     val_split, max_per_class, image_size, root, seed,
                                     {"batch_size": batch_size, "workers": workers, "device": device,
@@ -448,7 +546,7 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
 @click.argument("data")
 @click.option("--split", default=None, help="training split (default: train/ if DATA has one, else all of DATA).")
 @click.option("--val-split", default=None, help="validation split (default: val/ if DATA has one, else a hold-out).")
-@click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
+@click.option("--val-fraction", type=FiniteFloat(0, 0.9), default=0.2, show_default=True,
               help="stratified, seeded share of the training images held out for validation when there is no "
               "validation split (it picks the exported epoch); 0: none, the last epoch is exported.")
 @root_option
@@ -459,14 +557,16 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=1, show_default=True,
               help="head-only epochs before the blocks are unfrozen.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="head learning rate.")
-@click.option("--backbone-lr-mult", type=float, default=0.1, show_default=True, help="backbone lr = lr x this, in (0, 1].")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
+              help="head learning rate.")
+@click.option("--backbone-lr-mult", type=FiniteFloat(0, 1, min_open=True), default=0.1, show_default=True,
+              help="backbone lr = lr x this, in (0, 1].")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
-@click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.0, show_default=True)
+@click.option("--label-smoothing", type=FiniteFloat(0, 0.5), default=0.0, show_default=True)
 @click.option("--augment", type=click.Choice(["default", "light", "none"]), default="default", show_default=True,
               help="default: crop, flip, shear/zoom, colour; light: flip + shear/zoom; none.")
 @image_size_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=32, show_default=True)
 @workers_option
 @device_option
 @click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
