@@ -218,7 +218,7 @@ def test_cli_summary_info_and_prune(photos, tmp_path, run_cli):
     assert r.exit_code == 0 and "removed 14 vectors" in r.stdout
     assert "0 vectors" in run_cli("cache", "info").stdout
     r = run_cli("cache", "prune", "--max-size", "lots")
-    assert r.exit_code == 1 and "--max-size 'lots' is not a size" in r.stderr
+    assert r.exit_code == 2 and "--max-size 'lots' is not a size" in r.stderr  # a usage error, as click says
 
 
 def test_prune_evicts_the_least_recently_used(tmp_path):

@@ -144,6 +144,16 @@ def test_a_rank_that_cannot_start_stops_every_rank(photos, tmp_path):
     assert r.stderr.count("cannot run") == 1  # said once, by rank 0
 
 
+def test_an_output_that_cannot_be_written_stops_every_rank_with_one_sentence(photos, tmp_path):
+    """Rank 0 checks --out before any work (issue 18: a read-only --out gave rank 0 a traceback)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    r = torchrun(2, "extract", photos, *SMALL, "--out", a_file / "f.h5", timeout=120)
+    assert r.returncode != 0 and "featx/" not in r.stderr  # featx's sentence; torchrun then reports the failed workers
+    assert r.stderr.count("cannot run") == 1 and r.stderr.startswith(f"Error: rank 0 of 2 cannot run: cannot write --out {a_file}/f.h5: {a_file} is a file, "
+                               "not a folder.")
+
+
 # -- assembly -----------------------------------------------------------------------------
 
 

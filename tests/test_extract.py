@@ -45,16 +45,16 @@ def test_unknown_layer_is_a_clear_error():
 
 
 def test_several_layers_one_forward_pass(image_tree, tmp_path):
-    ex = FeatureExtractor(small_config(layers=("features.3", "features"), pools=("avg", "grid2")))
+    ex = FeatureExtractor(small_config(layers=("features.3", "features"), pools=("avg", "grid2"), image_size=64))
     calls = []
     ex.model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-    x = torch.randint(0, 255, (5, 3, 32, 32), dtype=torch.uint8)
+    x = torch.randint(0, 255, (5, 3, 64, 64), dtype=torch.uint8)
     out = ex(x)
     assert len(calls) == 1  # one forward for four stored taps
     assert set(out) == {"features.3@avg", "features.3@grid2", "features@avg", "features@grid2"}
     assert out["features.3@grid2"].shape == (5, 24 * 4)
     # the same numbers as a dedicated extraction of one tap
-    alone = FeatureExtractor(small_config(layers=("features",)))
+    alone = FeatureExtractor(small_config(layers=("features",), image_size=64))
     alone.model.load_state_dict(ex.model.state_dict())
     np.testing.assert_allclose(alone(x)["features"], out["features@avg"], rtol=1e-5, atol=1e-6)
 

@@ -85,10 +85,10 @@ def test_sweep_decodes_and_forwards_each_image_once(image_tree, tmp_path, monkey
                                    extract_kw={"batch_size": cfg.batch_size, "workers": 0})
     assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 18  # 12 train + 6 val, once each
     # per file, a one-image blank measures the tap widths; then one forward per batch
-    # serves 19 blocks x 2 poolings: train (12 images) in 4+4+4, val (6) in 4+2
-    assert forwards == [1, 4, 4, 4, 1, 4, 2]
-    assert len(rows) == 38 and {r.pool for r in rows} == {"avg", "grid2"}
+    # serves every tap: train (12 images) in 4+4+4, val (6) in 4 and 2 padded to 4
+    assert forwards == [1, 4, 4, 4, 1, 4, 4]
+    assert len(rows) == 38 - 5 and {r.pool for r in rows} == {"avg", "grid2"}  # no grid2 on the five 1x1 maps
     from featx.store import FeatureStore
 
     with FeatureStore(tmp_path / "sw" / "features_train.h5") as fs:  # kept for `featx fit --tap`
-        assert len(fs.taps) == 38 and len(fs) == 12
+        assert len(fs.taps) == 33 and len(fs) == 12
