@@ -286,10 +286,14 @@ def _loader(source: Source, extractor: FeatureExtractor, batch_sampler, n_items:
     )
 
 
+NONFINITE = "the network's output is not finite (nan or inf)"
+
+
 def _check_errors(source: Source, bad, config: ExtractConfig) -> None:
     if bad and config.on_error == "fail":
         i, err = bad[0]
-        raise FeatxError(f"cannot decode {source.ids[i]}: {err} (--on-error skip records it and goes on).")
+        what = "cannot extract" if err.startswith(NONFINITE) else "cannot decode"
+        raise FeatxError(f"{what} {source.ids[i]}: {err} (--on-error skip records it and goes on).")
 
 
 @dataclass
@@ -472,16 +476,23 @@ def _run_units(source: Source, extractor: FeatureExtractor, writer: StoreWriter,
             progress(len(unit))
 
     loader = _loader(source, extractor, plan, sum(len(u) for u in units)) if units else []
+    dtype = np.dtype(extractor.config.dtype)
     for x, good, bad in loader:
         _check_errors(source, bad, extractor.config)
+        n = len(good) + len(bad)
         if x is not None:
             hits_of = [plan.cached[unit_at[i - i % writer.unit_items]][1] for i in good]
             missing = [t for t in extractor.taps if any(i not in h.get(t, {}) for i, h in zip(good, hits_of))]
             feats = extractor(x, missing)
             for k, i in enumerate(good):
-                feats_of[i] = {t: v[k] for t, v in feats.items()}
+                row = {t: v[k] for t, v in feats.items()}
+                if all(np.isfinite(v.astype(dtype)).all() for v in row.values()):
+                    feats_of[i] = row
+                else:  # a row of nan or inf would break every tool downstream: a recorded failure
+                    bad.append((i, NONFINITE + (" as float16 (above 65504?)" if dtype == np.float16 else "")))
+            _check_errors(source, bad, extractor.config)
         bad_of.update(bad)
-        seen += len(good) + len(bad)
+        seen += n
         publish_ready()
     publish_ready()  # units the cache answered whole, after the last batch
     lookup.close()

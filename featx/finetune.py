@@ -322,7 +322,11 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
     trainer = Trainer(train, val, c)
     start_epoch, step, best_acc, history = 0, 0, -1.0, []
     if resume:
-        ck = torch.load(ckpt_path, map_location=trainer.device, weights_only=True)
+        try:
+            ck = torch.load(ckpt_path, map_location=trainer.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - cut short or damaged: say so, never a traceback
+            raise FeatxError(f"--resume: {ckpt_path} cannot be read ({root_cause(e)}); start again in another --out "
+                             "(backbone.pt there is the best epoch so far).") from None
         if ck["config"] != cfg_json:
             raise FeatxError(f"--resume: {out} was started with other settings; use the same options or another --out.")
         trainer.restore(ck)

@@ -95,6 +95,8 @@ def main() -> None:
     def pct(r, key):
         return 100 * r[key] / full[key]
 
+    startup, startup_max = sorted(r["wall_s"] - r["extract_s"] for r in (grown, same))
+
     update_section("bench_cache", f"""
 ## The feature cache: reruns (scripts/bench_cache.py)
 
@@ -112,9 +114,10 @@ within the first run already, as it should.
 | unchanged folder | {same['hits']:,} of {same['rows']:,} | {same['extract_s']:.1f} s | {pct(same, 'extract_s'):.1f} | {same['wall_s']:.1f} s | {pct(same, 'wall_s'):.1f} |
 
 Targets: a rerun after adding 1 % new images at most 5 % of the full run, an unchanged rerun
-at most 3 %, hashing included. Of a rerun's time, about 2 s is starting Python and importing
-torch ("command" minus "extract()"); the rest is building the model, hashing every file,
-the lookups, writing the shards and assembling the file. The full run compiles the network
+at most 3 %, hashing included. Of a rerun's time, {startup:.0f}-{startup_max:.0f} s is starting Python and
+importing torch ("command" minus "extract()"); the rest is building the model, hashing every
+file, the lookups, computing the new images (the misses of all work units together, in full
+batches), writing the shards and assembling the file in a child process. The full run compiles the network
 (`--compile auto`: 10,000 images to compute), which halved it against the eager runs of
 earlier versions; the reruns have too few images to compute to compile, so their fixed
 costs now weigh twice as much in the ratios. Cache lookups: {len(keys):,} keys in {lookup_s:.2f} s

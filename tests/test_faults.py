@@ -373,6 +373,9 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_epoch(photos, tmp_path, r
     assert "the files of epoch 1 in" in r.stderr and "kept as they were" in r.stderr
     assert kept and {name: (run / name).read_bytes() for name in kept} == kept
     monkeypatch.undo()
+    (run / "checkpoint.pt").write_bytes(kept["checkpoint.pt"][:1000])  # cut short by something else
+    r = run_cli("finetune", photos, *SMALL, "--val-fraction", "0.25", "--epochs", "3", "--resume", "--out", run)
+    assert r.exit_code == 1 and f"--resume: {run / 'checkpoint.pt'} cannot be read" in r.stderr, r.output
     # a learning rate that makes the weights blow up: nothing is exported at all
     r = run_cli("finetune", photos, *SMALL, "--epochs", "1", "--lr", "1e30", "--out", tmp_path / "wild")
     assert r.exit_code == 1 and "training diverged" in r.stderr and "nothing was written" in r.stderr
@@ -413,6 +416,23 @@ def test_nan_features_are_refused_by_evaluate_and_sweep(nan_files, tmp_path, run
     assert r.exit_code == 1 and "the first row 17 (i17)" in r.stderr and "Traceback" not in r.output
     r = run_cli("sweep", "--train", path, "--out", tmp_path / "sw")
     assert r.exit_code == 1 and "the first row 17 (i17)" in r.stderr
+
+
+def test_extraction_records_non_finite_features_as_failures(photos, tmp_path, run_cli, weights_file):
+    """Damaged weights (or a float16 overflow) make nan rows that would break every tool
+    downstream: each is a recorded failure, as a bad image is, and never enters the cache."""
+    import torch
+
+    state = torch.load(weights_file)
+    state["features.0.0.weight"][:] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    args = ["extract", photos, "--backbone", BACKBONE, "--weights", tmp_path / "nan.pt", *SMALL[4:]]
+    r = run_cli(*args, "--out", tmp_path / "f.h5")
+    assert r.exit_code == 0 and "0 rows from 16 images, 16 failed" in r.stdout, r.output
+    assert "the network's output is not finite (nan or inf)" in r.stderr
+    assert _cache_entries() == 0
+    r = run_cli(*args, "--on-error", "fail", "--out", tmp_path / "g.h5")
+    assert r.exit_code == 1 and "cannot extract blue/0.jpg: the network's output is not finite" in r.stderr
 
 
 # -- 8: a disk that fills during assembly: no crash, the shards kept ----------------------------
