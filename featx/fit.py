@@ -29,7 +29,7 @@ from featx.linear import FastLogisticRegression
 from featx.metrics import evaluate, evaluate_batches
 from featx.online import batch_rows
 from featx.sources import stratified_holdout
-from featx.store import FeatureStore, check_provenance
+from featx.store import FeatureStore, check_provenance, nonfinite
 from featx.stream import Part, RowStream
 
 SEARCH_TOL = 3e-4  # L-BFGS gradient tolerance while walking the regularisation path
@@ -107,11 +107,6 @@ def check_finite(X: np.ndarray, what: str) -> None:
     bad = nonfinite(X)
     if len(bad):
         raise FeatxError(f"{what} have non-finite values (nan or inf) in {len(bad)} rows, the first at row {bad[0]}.")
-
-
-def nonfinite(X: np.ndarray) -> np.ndarray:
-    """Indices of the rows of ``X`` with a nan or inf."""
-    return np.flatnonzero(~np.isfinite(X).all(axis=1)) if X.size else np.zeros(0, np.int64)
 
 
 def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_val=None,

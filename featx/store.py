@@ -630,8 +630,7 @@ class FeatureStore:
     def nonfinite_rows(self, tap: str | None = None, chunk_rows: int = 16384) -> np.ndarray:
         """Indices of the rows whose features of ``tap`` hold a nan or inf (read chunk by chunk)."""
         ds = self.dataset(tap)
-        bad = [s + np.flatnonzero(~np.isfinite(ds[s:s + chunk_rows]).all(axis=1))
-               for s in range(0, ds.shape[0], chunk_rows)]
+        bad = [s + nonfinite(ds[s:s + chunk_rows]) for s in range(0, ds.shape[0], chunk_rows)]
         return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
     def nonfinite_error(self, tap: str, bad: np.ndarray, remedy: str) -> FeatxError:
@@ -676,6 +675,11 @@ class FeatureStore:
                 "weights_path": a.get("weights_path", ""), "weights_seed": a.get("weights_seed"), "tap": tap, "layer": ti.get("layer"),
                 "pool": ti.get("pool"), "preprocessing": a.get("preprocessing"), "dim": self.dim(tap),
                 "classes": self.classes}
+
+
+def nonfinite(X: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``X`` with a nan or inf."""
+    return np.flatnonzero(~np.isfinite(X).all(axis=1)) if X.size else np.zeros(0, np.int64)
 
 
 def check_provenance(expected: dict, got: dict, what: str) -> None:

@@ -23,9 +23,9 @@ from featx import plots, registry
 from featx.errors import FeatxError
 from featx.extract import ExtractConfig, extract
 from featx.files import atomic_open, write_text
-from featx.fit import fit_arrays, holdout, nonfinite
+from featx.fit import fit_arrays, holdout
 from featx.sources import Subset, open_splits
-from featx.store import FeatureStore, check_provenance
+from featx.store import FeatureStore, check_provenance, nonfinite
 
 # a per-class training count below this is "small" for fine-tuning (transfer-learning
 # guidance: with a few hundred images per class, train a head on frozen features)

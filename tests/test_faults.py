@@ -91,10 +91,10 @@ def model(photos, tmp_path, run_cli):
 # -- 1, 14: every file through temp + fsync + rename; a full disk keeps the previous file -------
 
 
-def test_a_full_disk_keeps_the_previous_predictions_and_sheet(model, photos, tmp_path):
+def test_a_full_disk_keeps_the_previous_predictions_and_sheet(model, photos, tmp_path, run_cli):
     out, sheet = tmp_path / "p.csv", tmp_path / "s.png"
-    r = featx("predict", model, photos, "--out", out, "--sheet", sheet, "--workers", 0)
-    assert r.returncode == 0, r.stderr
+    r = run_cli("predict", model, photos, "--out", out, "--sheet", sheet, "--workers", 0)
+    assert r.exit_code == 0, r.output
     before_csv, before_png = out.read_bytes(), sheet.read_bytes()
     assert len(before_csv) > 500 and len(before_png) > 6000
     r = featx("predict", model, photos, "--out", out, "--workers", 0, fsize=300)
@@ -105,14 +105,14 @@ def test_a_full_disk_keeps_the_previous_predictions_and_sheet(model, photos, tmp
     assert temps(tmp_path) == []
 
 
-def test_a_full_disk_keeps_the_previous_bundle_and_report(model, tmp_path):
+def test_a_full_disk_keeps_the_previous_bundle_and_report(model, tmp_path, run_cli):
     before = model.read_bytes()
     r = featx("fit", tmp_path / "f.h5", "--out", model, fsize=1500)
     one_sentence(r, f"cannot write {model}")
     assert model.read_bytes() == before and temps(tmp_path) == []
     report = tmp_path / "report"
-    r = featx("evaluate", model, tmp_path / "f.h5", "--report", report)
-    assert r.returncode == 0, r.stderr
+    r = run_cli("evaluate", model, tmp_path / "f.h5", "--report", report)
+    assert r.exit_code == 0, r.output
     png = (report / "confusion_matrix.png").read_bytes()
     r = featx("evaluate", model, tmp_path / "f.h5", "--report", report, fsize=3000)
     one_sentence(r, f"cannot write {report / 'confusion_matrix.png'}")
