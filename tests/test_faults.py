@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import json
 import os
 import resource
 import signal
@@ -19,11 +18,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
