@@ -28,19 +28,14 @@ import sqlite3
 import time
 import warnings
 import zlib
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from featx.files import cause
 
-# Bump when a change to featx's decoding, preprocessing or pooling code changes the vectors
-# it computes: every older entry then misses.
-# 2: libjpeg-turbo decoding and resizing on uint8 tensors (featx.decode); 3: every eager
-# batch padded to the batch size (the last bits of a vector no longer depend on how many
-# images shared its batch)
-FEATURE_CODE_VERSION = 3
 DEFAULT_DIR = Path("cache") / "features"
 
 _SCHEMA = """
@@ -67,17 +62,6 @@ CREATE TABLE IF NOT EXISTS settings (
 def default_location() -> Path:
     """``$FEATX_CACHE``, else ``cache/features/`` under the working directory."""
     return Path(os.environ.get("FEATX_CACHE") or DEFAULT_DIR)
-
-
-def setting_digest(description: dict) -> str:
-    text = json.dumps({"featx_feature_code": FEATURE_CODE_VERSION, **description}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
 
 
 # A featx process holds the write lock for the few milliseconds of one unit's insert; a
@@ -318,3 +302,83 @@ def _why_unusable(root: Path, e: BaseException | None) -> str:
         return "featx cannot write there (a read-only folder or file?)"
     return (f"it is damaged: {text}; remove {root} to start a new cache, the feature files made with it are not "
             "affected")
+
+
+class CacheLookup:
+    """The feature cache as the extraction runner uses it: each unit's content keys,
+    lookups and additions.  Any error of the cache turns it off for the rest of the run,
+    with one warning: the run goes on and computes what the cache would have given.
+
+    Args:
+        cache: the cache (None: every image is a miss).
+        key_of: item -> sha256 of its content (None when unreadable).
+        settings: stored tap -> (its setting's digest, the setting itself).
+    """
+
+    def __init__(self, cache: FeatureCache | None, key_of: Callable[[int], str | None] | None = None,
+                 settings: dict[str, tuple[str, dict]] | None = None):
+        self.cache, self.key_of = cache, key_of
+        self.settings = {}
+        for tap, (digest, description) in (settings or {}).items() if cache is not None else ():
+            self.settings[tap] = digest
+            self._guard(cache.register, digest, description)
+        self.pool = ThreadPoolExecutor(4) if cache is not None else None  # hashing releases the GIL
+        self.keys: dict[int, list] = {}  # unit start -> content keys, when counted ahead
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except sqlite3.Error as e:
+            warnings.warn(f"the feature cache at {self.cache.root} failed ({e}); going on without it.", stacklevel=3)
+            self.cache = None
+            return None
+
+    def _keys(self, unit: range) -> list:
+        keys = self.keys.pop(unit.start, None)
+        return keys if keys is not None else list(self.pool.map(self.key_of, unit))
+
+    def count_todo(self, units: list[range]) -> int:
+        """How many of the units' images the network must see (a first pass over the keys)."""
+        total = sum(len(u) for u in units)
+        if self.cache is None:
+            return total
+        done = 0
+        for unit in units:
+            keys = self.keys[unit.start] = self._keys(unit)
+            known = [k for k in keys if k is not None]
+            present = [self._guard(self.cache.has, known, s) if self.cache is not None else None
+                       for s in self.settings.values()]
+            if any(p is None for p in present):
+                return total
+            done += sum(1 for k in keys if k is not None and all(k in p for p in present))
+        return total - done
+
+    def __call__(self, unit: range) -> tuple[list, dict]:
+        """The unit's content keys, and per tap the cached vectors of its items."""
+        if self.cache is None:
+            return [], {}
+        keys = self._keys(unit)
+        known = [k for k in keys if k is not None]
+        hits = {}
+        for tap, setting in self.settings.items():
+            found = self._guard(self.cache.get, known, setting) if self.cache is not None else None
+            if found is None:
+                return keys, {}
+            hits[tap] = {i: found[k] for i, k in zip(unit, keys) if k is not None and k in found}
+        return keys, hits
+
+    def store(self, unit: range, keys: list, hits: dict, computed: dict) -> None:
+        """Add the vectors the network made for the unit's items (never a cached one again)."""
+        if self.cache is None or not keys:
+            return
+        for tap, setting in self.settings.items():
+            new = {keys[i - unit.start]: v[tap] for i, v in computed.items()
+                   if keys[i - unit.start] is not None and tap in v and i not in hits.get(tap, {})}
+            if new:
+                self._guard(self.cache.put, new, setting)
+            if self.cache is None:
+                return
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()

@@ -67,9 +67,9 @@ def make_classifier(name: str, n_samples: int | None = None, class_weight: str |
                       random_state=seed)
             clf = CalibratedClassifierCV(svc, ensemble=False, method="sigmoid")
     elif name == "mlp":
-        # class_weight reaches scikit-learn's MLP (which has no such parameter) as sample
-        # weights when it is fitted: see fit_params.  One hidden layer as in the course's Dense(1000)+Dropout head; scikit-learn's MLP
-        # has no dropout, so the L2 penalty alpha and early stopping regularise it instead
+        # one hidden layer of 512 units (the course's head is a Dense layer with dropout);
+        # scikit-learn's MLP has no dropout, so the L2 penalty alpha and early stopping
+        # regularise it; class_weight reaches it as sample weights when it is fitted (fit_params)
         clf = MLPClassifier(hidden_layer_sizes=(params.pop("hidden", 512),), alpha=params.pop("alpha", 1e-3),
                             early_stopping=True, validation_fraction=0.1, n_iter_no_change=5,
                             max_iter=params.pop("max_iter", 200), random_state=seed)

@@ -104,12 +104,17 @@ class FeatxGroup(click.Group):
 
 
 def _fail(e: FeatxError):
-    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    if rank is None:
+    from featx.distributed import from_env
+    from featx.errors import EveryRankError
+
+    world = from_env()
+    if world.size == 1:
         raise click.ClickException(str(e)) from None
-    if rank and getattr(e, "every_rank", False):
-        sys.exit(1)  # under torchrun: rank 0 prints what every rank knows
-    raise click.ClickException(str(e) if getattr(e, "every_rank", False) else f"rank {rank}: {e}") from None
+    if isinstance(e, EveryRankError):
+        if world.rank:
+            sys.exit(1)  # under torchrun: rank 0 prints what every rank knows
+        raise click.ClickException(str(e)) from None
+    raise click.ClickException(f"rank {world.rank}: {e}") from None
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
@@ -489,8 +494,6 @@ def predict(model, inputs, out, sheet, weights, batch_size, workers, device, com
               help="'blocks' (every block of the backbone) or layer names; repeatable.")
 @click.option("--pool", "pools", type=Pooling(), multiple=True, default=("avg",), show_default=True,
               help="repeatable.")
-@click.option("--clf", type=click.Choice(["logreg"]), default="logreg", show_default=True,
-              help="the probe: featx fit's logistic regression with its C search.")
 @click.option("--train-split", default=None, help="training split (default: train/ if DATA has one, else all of DATA).")
 @click.option("--val-split", default=None, help="validation split (default: val/ if DATA has one, else a hold-out).")
 @click.option("--val-fraction", type=FiniteFloat(0.01, 0.9), default=0.2, show_default=True,
@@ -504,7 +507,7 @@ def predict(model, inputs, out, sheet, weights, batch_size, workers, device, com
 @compile_option
 @seed_option
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="output directory.")
-def sweep(data, train_path, val_path, backbone, weights, taps, pools, clf, train_split, val_split, val_fraction,
+def sweep(data, train_path, val_path, backbone, weights, taps, pools, train_split, val_split, val_fraction,
           max_per_class, root, image_size, batch_size, workers, device, compile_mode, seed, out):
     """Probe every tap x pooling with a linear classifier; table, plot and advice in OUT."""
     from featx import sweep as sw

@@ -40,8 +40,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from featx.preprocess import Preprocess
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a gray smear
-
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 
 
@@ -68,16 +66,19 @@ _PILLOW_LIMIT = threading.Lock()
 
 @contextlib.contextmanager
 def pixel_limit(max_pixels: int):
-    """Pillow's own decompression-bomb check at ``max_pixels`` while opening an image.
+    """Pillow's own decompression-bomb check at ``max_pixels``, and truncated files refused,
+    while opening and loading an image.
 
     Pillow checks every image it opens against its module-wide ``MAX_IMAGE_PIXELS`` (about
     89 million): without this, an image above it would be refused whatever ``--max-pixels``
-    says.  The setting is changed only for the duration, under a lock, and an image over
-    the limit is refused with featx's own sentence.
+    says; and ``LOAD_TRUNCATED_IMAGES`` (which an application may have set) would fill a cut
+    file with gray.  Both are set only for the duration, under a lock, and put back; an image
+    over the limit is refused with featx's own sentence.
     """
     with _PILLOW_LIMIT:
-        saved = Image.MAX_IMAGE_PIXELS
+        saved, truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
         Image.MAX_IMAGE_PIXELS = max_pixels
+        ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure, not a gray smear
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -88,7 +89,7 @@ def pixel_limit(max_pixels: int):
                     raise ValueError(f"decompression bomb: {m.group(1) if m else 'more'} pixels exceed the limit of "
                                      f"{max_pixels} (--max-pixels)") from None
         finally:
-            Image.MAX_IMAGE_PIXELS = saved
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved, truncated
 
 
 def open_rgb(source, i: int, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

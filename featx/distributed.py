@@ -18,9 +18,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
-
-from featx.errors import FeatxError
+from featx.errors import EveryRankError, FeatxError
 
 # the barrier before assembly waits for the slowest rank: a long extraction must not time out
 BARRIER_TIMEOUT = timedelta(days=7)
@@ -86,9 +84,7 @@ def agree(world: World, error: str | None) -> None:
     if failed:
         r, e = failed[0]
         more = f" ({len(failed) - 1} other rank(s) failed too)" if len(failed) > 1 else ""
-        err = FeatxError(f"rank {r} of {world.size} cannot run: {e}{more}")
-        err.every_rank = True  # the same sentence on every rank: one of them says it
-        raise err
+        raise EveryRankError(f"rank {r} of {world.size} cannot run: {e}{more}")
 
 
 def broadcast(world: World, obj):
@@ -114,6 +110,8 @@ def device_spec(world: World, spec: str) -> str:
     LOCAL_RANK; a node with fewer GPUs than ranks is an error naming both numbers."""
     if world.size == 1 or spec not in ("auto", "cuda"):
         return spec
+    import torch
+
     if spec == "auto" and not torch.cuda.is_available():
         return "cpu"
     n = torch.cuda.device_count()

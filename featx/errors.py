@@ -10,6 +10,10 @@ class FeatxError(Exception):
     """A user-facing error: bad input, a mismatch, a missing file."""
 
 
+class EveryRankError(FeatxError):
+    """Under torchrun: an error every rank knows (one of them says it)."""
+
+
 def root_cause(e: BaseException, limit: int = 200) -> str:
     """``"Type: message"`` of the innermost cause of ``e`` (its first line that says
     something), for one-line warnings: compilers wrap the real reason in layers such as

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import csv
 import json
+import contextlib
 import math
 import os
-import random
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -143,10 +143,15 @@ def _check(train: Source, val: Source | None, c: FinetuneConfig) -> None:
         raise FeatxError(f"--compile {c.compile!r} is not one of {', '.join(COMPILE_MODES)}.")
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """torch's generators (the CPU's, and the device's) seeded for the duration and put back
+    after: the run's random draws (the new head's initialisation, dropout) are the same on
+    every run and after a resume, and nothing outside the run is reseeded."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class Diverged(FeatxError):
@@ -160,11 +165,11 @@ class Trainer:
         c = self.config = config
         self.train_src, self.val_src = train, val
         self.device = resolve_device(c.device)
-        _seed_all(c.seed)
         model, weights = load_backbone(c.backbone, resolve_weights(c.backbone, c.weights, c.seed))
         self.pre = preprocess_for(c.backbone, weights, c.image_size)
         self.classes = list(train.classes)
-        self.head: Head = replace_head(model, len(self.classes), c.head, c.hidden, c.dropout)
+        with seeded(c.seed, self.device):  # the new head's initialisation
+            self.head: Head = replace_head(model, len(self.classes), c.head, c.hidden, c.dropout)
         self.prefixes = trainable_prefixes(c.backbone, model, c.unfreeze, self.head.module)
         self.amp = autocast_dtype("auto", self.device)  # bf16 (or fp16) on CUDA, none on CPU
         self.model = model.to(self.device, memory_format=torch.channels_last)
@@ -178,8 +183,8 @@ class Trainer:
         self.val_loader = self._loader(val, None, False) if val is not None else None
         # The training forward (and so its backward) as a compiled graph; the model itself
         # stays the eager module: its state_dict, validation and export are unchanged.
-        self.compiled = should_compile(c.compile, self.device, len(train) * c.epochs, AUTO_MIN_TRAIN_IMAGES)
-        self.forward = torch.compile(self.model) if self.compiled else self.model
+        compiled = should_compile(c.compile, self.device, len(train) * c.epochs, AUTO_MIN_TRAIN_IMAGES)
+        self.forward = torch.compile(self.model) if compiled else self.model
 
     def _optimizer(self):
         c, head = self.config, self.head.module
@@ -201,7 +206,9 @@ class Trainer:
         n_workers = c.workers if c.workers is not None else min(os.cpu_count() or 1, 8)
         data = Decoded(source, self.pre, transform=transform, seed=c.seed)
         sampler = EpochShuffle(len(source), c.batch_size, c.seed, shuffle)
+        # a generator of its own: the workers' base seed is not drawn from the global one
         return torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=n_workers, collate_fn=collate,
+                                           generator=torch.Generator().manual_seed(c.seed),
                                            pin_memory=self.device.type == "cuda", persistent_workers=n_workers > 0)
 
     def _autocast(self):
@@ -212,8 +219,12 @@ class Trainer:
         c, head_only = self.config, epoch < self.warmup
         apply_freeze(self.model, [self.head.module] if head_only else self.prefixes)
         train_mode(self.model)
-        _seed_all(c.seed * 1000 + epoch)  # dropout: the same draws after a resume
         self.train_loader.batch_sampler.set_epoch(epoch)
+        with seeded(c.seed * 1000 + epoch, self.device):  # dropout: the same draws after a resume
+            return self._train_epoch(epoch, step, head_only, max_steps)
+
+    def _train_epoch(self, epoch: int, step: int, head_only: bool, max_steps: int | None) -> tuple[dict, int]:
+        c = self.config
         loss_sum, correct, n = 0.0, 0, 0
         for x, good, _ in self.train_loader:
             if x is None:
@@ -229,7 +240,7 @@ class Trainer:
                 if self.forward is self.model:
                     raise
                 warnings.warn(f"compiling the training step failed ({root_cause(e)}); training eagerly.", stacklevel=2)
-                self.forward, self.compiled = self.model, False
+                self.forward = self.model
                 self.opt.zero_grad(set_to_none=True)
                 logits, loss = self._step(x, y)
             value = float(loss.detach())

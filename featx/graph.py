@@ -19,6 +19,7 @@ charge, after one warning line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -33,7 +34,7 @@ from featx.taps import pool
 
 COMPILE_MODES = ("auto", "on", "off")
 # `--compile auto` compiles when this process has at least this many images to compute:
-# below it the compile time (about 30 s for mobilenet_v2 on 2 CPU cores the first time, a
+# below it the compile time (8-15 s for mobilenet_v2 on 2 CPU cores the first time, a
 # few seconds from inductor's cache) is not paid back (BENCHMARKS.md).
 AUTO_MIN_IMAGES = {"cpu": 1000, "cuda": 5000}
 # Jobs of at least this much forward work (GFLOP: images x the model's GFLOP per image) are
@@ -77,9 +78,29 @@ class TapNet(nn.Module):
                 for name, (m, how) in self.taps.items()}
 
 
-def inductor_cache(root: Path) -> None:
-    """Keep inductor's compiled code in ``root`` unless the user chose a place."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root))
+@contextlib.contextmanager
+def inductor_cache(folder: Path | None):
+    """Inductor's on-disk cache in ``folder`` while compiling (None: inductor's own default,
+    in the system's temporary folder).  Inductor fixes its folder at its first use and keeps
+    it in ``TORCHINDUCTOR_CACHE_DIR``: torch's ``temporary_cache_dir`` switches it (and clears
+    the in-process caches that remember it) and puts it back afterwards.  A folder set by the
+    user in ``TORCHINDUCTOR_CACHE_DIR`` is respected."""
+    if folder is None or "TORCHINDUCTOR_CACHE_DIR" in os.environ and not _ours(os.environ["TORCHINDUCTOR_CACHE_DIR"]):
+        yield
+        return
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with temporary_cache_dir(str(Path(folder).resolve())):
+        yield
+
+
+def _ours(folder: str) -> bool:
+    """Whether a TORCHINDUCTOR_CACHE_DIR is inductor's own default (set by inductor itself at
+    its first use), not a user's choice."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(folder) == os.path.abspath(default_cache_dir())
 
 
 class CompiledTaps:
@@ -90,12 +111,13 @@ class CompiledTaps:
     """
 
     def __init__(self, model: nn.Module, taps: dict[str, tuple[str, str]], nhwc: str | None, batch_size: int,
-                 example: torch.Tensor, freeze: bool = False):
+                 example: torch.Tensor, freeze: bool = False, cache_dir: Path | None = None):
         net = TapNet(model, taps, nhwc).eval()
         self.batch_size, self.freeze = batch_size, freeze
         self.fn = torch.compile(net, dynamic=False)
         t = time.perf_counter()
-        self(example[:1])  # compile now (on a padded batch), so that failures surface here
+        with inductor_cache(cache_dir):
+            self(example[:1])  # compile now (on a padded batch), so that failures surface here
         self.compile_seconds = time.perf_counter() - t
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -111,10 +133,10 @@ class CompiledTaps:
 
 
 def compile_taps(model: nn.Module, taps: dict[str, tuple[str, str]], nhwc: str | None, batch_size: int,
-                 example: torch.Tensor, freeze: bool = False) -> CompiledTaps | None:
+                 example: torch.Tensor, freeze: bool = False, cache_dir: Path | None = None) -> CompiledTaps | None:
     """The compiled graph, or None after one warning line when it cannot be built."""
     try:
-        return CompiledTaps(model, taps, nhwc, batch_size, example, freeze)
+        return CompiledTaps(model, taps, nhwc, batch_size, example, freeze, cache_dir)
     except Exception as e:  # noqa: BLE001 - any failure means: run eager
         warnings.warn(f"compiling the network failed ({root_cause(e)}); running it eagerly.", stacklevel=2)
         return None

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from featx import bundle as bundle_io
 from featx import plots
 from featx.decode import open_rgb
 from featx.errors import FeatxError
-from featx.extract import ExtractConfig, FeatureExtractor, iterate
+from featx.extract import compute
+from featx.extractor import ExtractConfig, FeatureExtractor
 from featx.files import atomic_open
 from featx.sources import files_source, open_source
 from featx.weights import finetuned_meta
@@ -75,8 +77,7 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
                            pools=(m["pool"],), preprocessing=m.get("preprocessing"), batch_size=batch_size,
                            workers=workers, device=device, seed=m.get("weights_seed") or 0, compile=compile)
     source = _open_inputs(inputs)
-    extractor = FeatureExtractor(config)
-    extractor.prepare(len(source))
+    extractor = FeatureExtractor(config)  # the weights are identified, not loaded or compiled yet
     if m.get("weights_sha256") and extractor.weights.sha256 != m["weights_sha256"]:
         raise FeatxError(f"weights {extractor.weights.id} (sha256 {extractor.weights.sha256[:12]}) are not the ones "
                          f"the model was trained with (sha256 {m['weights_sha256'][:12]}).")
@@ -94,31 +95,33 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
 
 
 def _classify_all(source, extractor, tap: str, classes: list[str], classify) -> PredictResult:
-    """Extract ``tap`` batch by batch and turn ``classify(X)`` into rows in source order.
+    """Extract ``tap`` with the runner's loop (no writer, no cache) and turn ``classify(X)``
+    into rows in source order.
 
     ``classify`` returns (column class names, probabilities) or (None, predicted names).
     """
     res = PredictResult(classes, source=source, preprocessing=extractor.pre)
-    order: dict[int, dict] = {}
-    for _, good, feats, bad in iterate(source, extractor, range(len(source))):
-        if good:
-            X = feats[tap]
-            finite = np.isfinite(X).all(axis=1)
-            if not finite.all():  # the network's output (e.g. damaged weights): that image's error
-                bad = bad + [(i, "its features are not finite (nan or inf)") for i, ok in zip(good, finite) if not ok]
-                good, X = [i for i, ok in zip(good, finite) if ok], X[finite]
-        if good:
-            names, out = classify(X)
-            for k, i in enumerate(good):
-                if names is None:
-                    pred, probs = out[k], None
-                else:
-                    probs = dict(zip(names, map(float, out[k])))
-                    pred = names[int(np.argmax(out[k]))]
-                order[i] = {"id": source.ids[i], "index": i, "predicted": pred, "probabilities": probs, "error": None}
-        for i, err in bad:
-            order[i] = {"id": source.ids[i], "index": i, "predicted": None, "probabilities": None, "error": err}
-    res.rows = [order[i] for i in sorted(order)]
+    n, step = len(source), extractor.config.batch_size * 8  # rows classified a few batches at a time
+    bar = tqdm(total=n, unit="img", desc=f"predict {extractor.config.backbone}", leave=False)
+    try:
+        for r in compute(source, extractor, [range(s, min(s + step, n)) for s in range(0, n, step)]):
+            good = sorted(r.rows)
+            if good:
+                names, out = classify(np.stack([r.rows[i][tap] for i in good]))
+                for k, i in enumerate(good):
+                    if names is None:
+                        pred, probs = out[k], None
+                    else:
+                        probs = dict(zip(names, map(float, out[k])))
+                        pred = names[int(np.argmax(out[k]))]
+                    res.rows.append({"id": source.ids[i], "index": i, "predicted": pred, "probabilities": probs,
+                                     "error": None})
+            res.rows += [{"id": source.ids[i], "index": i, "predicted": None, "probabilities": None, "error": err}
+                         for i, err in r.failed.items()]
+            bar.update(len(r.unit))
+    finally:
+        bar.close()
+    res.rows.sort(key=lambda row: row["index"])
     return res
 
 
@@ -134,7 +137,6 @@ def predict_with_network(weights_file: str, inputs, batch_size=None, workers=Non
     config = ExtractConfig(backbone=meta["backbone"], weights=weights_file, layers=(logits,), pools=("avg",),
                            batch_size=batch_size, workers=workers, device=device, compile=compile)
     extractor = FeatureExtractor(config)
-    extractor.prepare(len(source))
 
     def classify(scores):
         p = np.exp(scores - scores.max(1, keepdims=True))

@@ -244,26 +244,14 @@ def state_mismatch(model: nn.Module, state: dict) -> str:
     return "; ".join(parts) or "the tensors do not load"
 
 
-@contextlib.contextmanager
-def no_init():
-    """Skip weight initialisation while probing shapes (it dominates building big models)."""
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda t, *a, **k: t)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-
-
-def skeleton(name: str) -> nn.Module:
-    """The architecture of ``name`` without weights: for module names and blocks, at no cost."""
+def skeleton(name: str, num_classes: int | None = None, entry=None) -> nn.Module:
+    """The architecture of ``name`` without weights, for module names, blocks and shapes: on
+    the meta device (no memory, no initialisation).  The few models whose construction reads
+    tensor values (RegNet's block widths) cannot be built there: those are built on the CPU,
+    initialised (slower; their real weights will need that memory anyway)."""
     check_backbone(name)
     try:
         with torch.device("meta"):
-            return build(name, None)
-    except Exception:  # a few models (RegNet) cannot be built on the meta device
-        with no_init():
-            return build(name, None)
+            return build(name, num_classes, None, entry)
+    except NotImplementedError:  # "Cannot copy out of meta tensor"
+        return build(name, num_classes, None, entry)

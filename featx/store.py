@@ -40,8 +40,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featx.distributed import from_env
 from featx.errors import FeatxError
-from featx.files import atomic_path, check_free_space, clean_stale_temps, os_error, temp_path, write_text
+from featx.files import atomic_path, cause, check_free_space, clean_stale_temps, os_error, temp_path, write_text
 
 FORMAT_NAME = "featx.features"
 FORMAT_VERSION = 1
@@ -77,7 +78,7 @@ def make_header(provenance: dict, fingerprint: dict) -> dict:
             the same job (settings plus the source's items).
     """
     attrs = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in provenance.items()}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = from_env().size
     return {**attrs, "featx_version": featx_version(), "command": command_line(),
             **({"world_size": world} if world > 1 else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": json.dumps(fingerprint, sort_keys=True)}
@@ -127,12 +128,18 @@ class StoreWriter:
         self.already_complete = self.output_complete()
 
     def output_complete(self) -> bool:
-        """Whether ``out`` is a complete file of this job."""
+        """Whether ``out`` is a complete file of this job: made with this fingerprint, or
+        (a file of an older featx, whose fingerprint held other things) with the same
+        setting, field by field, over the same items.  A complete file stays complete;
+        only an unfinished run must match the fingerprint exactly to be continued."""
         try:
             with h5py.File(self.out, "r") as f:
-                return f.attrs.get("fingerprint") == self.header["fingerprint"] and bool(f.attrs.get("complete"))
-        except OSError:
+                attrs = {k: f.attrs[k] for k in ("fingerprint", "setting", "complete") if k in f.attrs}
+        except OSError:  # no file, or not HDF5: prepare() says which
             return False
+        if not bool(attrs.get("complete")):
+            return False
+        return attrs.get("fingerprint") == self.header["fingerprint"] or _same_vectors(attrs, self.header)
 
     def prepare(self, overwrite: bool = False) -> "StoreWriter":
         """Make the parts folder ready (one process: the only one, or rank 0), refusing an
@@ -174,9 +181,11 @@ class StoreWriter:
         return (f"an unfinished run with other settings left {self.parts}; {again}, or use --overwrite "
                 "(with this command) to start over.")
 
-    def join(self) -> "StoreWriter":
-        """Take part in a job another process prepared (its parts folder must be visible here)."""
-        if self._parts_job() != self.job:
+    def join(self, complete: bool = False) -> "StoreWriter":
+        """Take part in a job another process prepared: ``complete`` is what that process
+        found (the file is made already); otherwise its parts folder must be visible here."""
+        self.already_complete = complete
+        if not complete and self._parts_job() != self.job:
             raise FeatxError(f"{self.parts} prepared by rank 0 is not visible from {os.uname().nodename}: "
                              "--out must be on a filesystem that every node shares.")
         return self
@@ -525,16 +534,58 @@ def read_parts_header(parts: Path) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
+def _same_vectors(theirs: dict, mine: dict) -> bool:
+    """Whether a complete file's recorded setting (its ``setting`` attribute, or what an
+    older featx's fingerprint held) agrees with this job's on every field both record, over
+    the same items."""
+    try:
+        fp_theirs, fp_mine = json.loads(str(theirs.get("fingerprint"))), json.loads(mine["fingerprint"])
+        setting_theirs = json.loads(str(theirs["setting"])) if "setting" in theirs else fp_theirs
+        setting_mine = fp_mine["setting"]
+    except (ValueError, KeyError, TypeError):
+        return False
+
+    def items(fp):
+        src = fp.get("source") or {}
+        return src.get("items_sha256"), src.get("classes")
+
+    if items(fp_theirs) != items(fp_mine) or None in items(fp_mine):
+        return False
+    common = (set(setting_theirs) & set(setting_mine)) - {"source"}
+    return bool(common) and all(_canonical(k, setting_theirs[k]) == _canonical(k, setting_mine[k]) for k in common)
+
+
+def _canonical(key: str, value):
+    """One spelling per field across featx versions (taps, preprocessing and precision were
+    written in other forms before the setting record)."""
+    if key == "taps":
+        pairs = value.items() if isinstance(value, dict) else ((t[0], t[1:]) for t in value)
+        return [[name, *spec] for name, spec in pairs]
+    if key == "preprocessing":
+        return json.loads(value) if isinstance(value, str) else value
+    if key == "precision":
+        text = str(value).replace("torch.", "")
+        return "float32" if text == "None" else text
+    return value
+
+
 def _what_is(path: Path) -> str:
     """What an existing output is, for the sentence that refuses to replace it."""
     if path.is_dir():
         return "is a folder"
     try:
+        with open(path, "rb") as fh:
+            signature = fh.read(8)
+    except OSError as e:
+        return f"cannot be read ({cause(e)})"
+    try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT_NAME:
                 return "is an HDF5 file but not a featx feature file"
-            return "was made with other settings"
+            return "was made with other settings" if f.attrs.get("complete") else "is an unfinished featx file"
     except OSError:
+        if signature == b"\x89HDF\r\n\x1a\n":
+            return "is a damaged HDF5 file (cut short or overwritten?)"
         return "is not a featx feature file"
 
 

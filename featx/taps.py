@@ -7,14 +7,12 @@ short once every tap has fired, so tapping early layers costs only the early lay
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from featx import registry
-from featx.errors import FeatxError
+from featx.errors import FeatxError, root_cause
 
 POOLS = ("avg", "max", "gem", "grid2", "grid3", "grid4")
 
@@ -152,29 +150,25 @@ def map_sizes(model: nn.Module, modules: list[str], x: torch.Tensor, nhwc: str |
     return sizes
 
 
+def widths(model: nn.Module, taps: dict[str, tuple[str, str]], size: int, nhwc: str | None = None) -> dict[str, int]:
+    """The width of each tap for ``size`` x ``size`` images: one blank image through ``model``
+    on its own device (on the meta device: shapes only, no memory and no compute)."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), TapRecorder(model, taps, nhwc) as rec:
+        out = rec.run(torch.zeros(1, 3, size, size, device=device))
+    return {k: int(v.shape[1]) for k, v in out.items()}
+
+
 def describe(name: str) -> dict:
-    """Default tap and its feature dimension, without real compute.
-
-    The model is built on the meta device, so even the largest model costs no memory.
-    """
-    fam = registry.family_of(name)
-    info = {"name": name, "default_tap": fam.default_tap or "(input of last Linear)", "dim": None}
-    size = 299 if name == "inception_v3" else 224
-
-    def probe(device: str, size: int) -> int:
-        with torch.device(device), (registry.no_init() if device == "cpu" else contextlib.nullcontext()):
-            model = registry.build(name).eval()
-            tap = registry.default_tap(name, model)
-            with torch.no_grad(), TapRecorder(model, {tap: "avg"}, nhwc=fam.nhwc) as rec:
-                out = rec.run(torch.zeros(1, 3, size, size))
-        info["default_tap"] = tap
-        return int(out[tap].shape[1])
-
-    try:  # the meta device costs neither memory nor compute ...
-        info["dim"] = probe("meta", size)
-    except Exception:
-        try:  # ... but a few models (RegNet) cannot be built there
-            info["dim"] = probe("cpu", 64)  # pooled taps have the same width at any size
-        except Exception:
-            pass
+    """Default tap and its feature dimension, from the meta-device skeleton (no weights, no
+    memory); ``error`` says why a dimension could not be measured."""
+    model = registry.skeleton(name)
+    tap = registry.default_tap(name, model)
+    info = {"name": name, "default_tap": tap, "dim": None}
+    on_meta = next(model.parameters()).device.type == "meta"
+    size = (299 if name == "inception_v3" else 224) if on_meta else 64  # pooled widths do not depend on it
+    try:
+        info["dim"] = widths(model, {tap: (tap, "avg")}, size, registry.family_of(name).nhwc)[tap]
+    except Exception as e:  # noqa: BLE001 - the listing goes on; the reason is kept
+        info["error"] = root_cause(e)
     return info

@@ -47,6 +47,7 @@ class Weights:
     path: str | None = None  # the file, when one was given
     meta: dict | None = None  # featx fine-tuning metadata embedded in the file
     seed: int | None = None  # random weights: the seed of their initialisation
+    num_classes: int | None = None  # outputs of the head the state holds (a file's), when known
 
 
 def weights_enum(name: str):
@@ -110,15 +111,29 @@ def check_file_hash(path: str | os.PathLike) -> str:
 
 
 def read_tensors(path: str | os.PathLike, mmap: bool = False):
-    """``torch.load(weights_only=True)``: tensors and plain containers, never code from the file."""
+    """``torch.load(weights_only=True)``: tensors and plain containers, never code from the file.
+
+    ``mmap`` leaves the tensors on disk where the file's format allows it (files in torch's
+    legacy format are read whole).
+    """
+    try:
+        with open(path, "rb"):  # the file itself: missing, unreadable...
+            pass
+    except OSError as e:
+        raise os_error(e, "read", path) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        # torch's own message advises weights_only=False, i.e. running the file's code:
-        # featx never does that, so it says what is wrong in its own words
-        why = ("it holds Python objects besides tensors, and featx never unpickles those"
-               if "GLOBAL" in str(e) else "it is not a PyTorch weights file (a state dict saved with torch.save)")
-        raise FeatxError(f"cannot read weights file {path}: {why}.") from None
+    except RuntimeError as e:
+        if mmap and "mmap can only be used" in str(e):
+            return read_tensors(path)
+        error = e
+    except Exception as e:  # noqa: BLE001 - a format error, said in featx's words below
+        error = e
+    # torch's own message advises weights_only=False, i.e. running the file's code: featx
+    # never does that, so it says what is wrong in its own words
+    why = ("it holds Python objects besides tensors, and featx never unpickles those"
+           if "GLOBAL" in str(error) else "it is not a PyTorch weights file (a state dict saved with torch.save)")
+    raise FeatxError(f"cannot read weights file {path}: {why}.") from None
 
 
 def resolve_weights(name: str, spec: str | None, seed: int = 0) -> Weights:
@@ -143,60 +158,102 @@ def resolve_weights(name: str, spec: str | None, seed: int = 0) -> Weights:
     raise FeatxError(f"--weights {spec!r} is neither a file nor a weights name of {name}; allowed: {', '.join(allowed)}.")
 
 
-def load_backbone(name: str, weights: Weights) -> tuple[nn.Module, Weights]:
-    """Build the model with its weights, in eval mode on the CPU.
+def identify(name: str, weights: Weights) -> Weights:
+    """Complete the record without building the network: the sha256 of the weights file (a
+    torchvision entry is fetched into the hub cache first), the torchvision entry a file
+    turns out to be, a fine-tuned file's metadata and the width of the head the state holds.
 
-    Returns the model and the weights' record completed by loading: the sha256 of what was
-    read (or made), the torchvision entry a file turned out to be, fine-tuning metadata.
+    Random weights are identified by the digest of the parameters they make, so only
+    :func:`load_backbone` completes them.
     """
     registry.check_backbone(name)
+    if weights.sha256 or weights.id == "none":
+        return weights
     if weights.enum is not None:
-        entry = weights.enum
-        try:
-            state = torch.hub.load_state_dict_from_url(entry.url, progress=False, check_hash=True)
-        except (urllib.error.URLError, OSError) as e:
-            raise FeatxError(
-                f"weights {weights.id} are not in the torch hub cache ({hub_checkpoint_dir()}) and could "
-                f"not be downloaded ({e}); copy the file {os.path.basename(entry.url)} there with "
-                "`featx weights import FILE`, or use --weights PATH or --weights none."
-            ) from None
-        except RuntimeError as e:  # torch.hub's hash mismatch
-            raise FeatxError(f"weights {weights.id} failed their hash check: {e}") from None
-        model = registry.build(name, len(entry.meta["categories"]), state, entry)
-        return model.eval(), dataclasses.replace(weights, sha256=sha256_of(cached_file(entry)))
-    if weights.path is not None:
-        return _load_file(name, weights)
-    # seeded, so that a rerun (or a resumed run) makes the same network; the digest of the
-    # parameters lets a later run check that it made it again
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(weights.seed or 0)
-        model = registry.build(name)
-    return model.eval(), dataclasses.replace(weights, sha256=state_digest(model.state_dict()))
-
-
-def _load_file(name: str, weights: Weights) -> tuple[nn.Module, Weights]:
+        path = _fetch(weights)
+        return dataclasses.replace(weights, sha256=sha256_of(path), num_classes=len(weights.enum.meta["categories"]))
     sha = check_file_hash(weights.path)
-    obj = read_tensors(weights.path)
+    obj = read_tensors(weights.path, mmap=True)
     meta = None
     if isinstance(obj, dict) and "featx" in obj and "state_dict" in obj:
         meta, obj = obj["featx"], obj["state_dict"]
     if not isinstance(obj, dict):
         raise FeatxError(f"weights file {weights.path} holds a {type(obj).__name__}, not a state dict.")
-    loaded = dataclasses.replace(weights, sha256=sha, meta=meta)
+    out = dataclasses.replace(weights, sha256=sha, meta=meta, num_classes=_head_width(obj))
     known = known_weight_files().get(os.path.basename(weights.path))
     if known is not None and known[0] == name:  # torchvision's own file, given by path
-        loaded = dataclasses.replace(loaded, enum=known[1], id=f"{type(known[1]).__name__}.{known[1].name}")
-    if meta and meta.get("head") == "mlp":  # a fine-tuned MLP head has extra layers
+        out = dataclasses.replace(out, enum=known[1], id=f"{type(known[1]).__name__}.{known[1].name}")
+    return out
+
+
+def _head_width(state: dict) -> int | None:
+    """Outputs of the last Linear of a state dict (its head), or None."""
+    for key in reversed(list(state)):
+        if key.endswith("weight") and getattr(state[key], "ndim", 0) == 2:
+            return int(state[key].shape[0])
+    return None
+
+
+def _fetch(weights: Weights) -> Path:
+    """A torchvision entry's file in the hub cache, downloaded (hash-checked) when missing."""
+    path = cached_file(weights.enum)
+    if path.is_file():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        m = HASH_REGEX.search(path.name)
+        torch.hub.download_url_to_file(weights.enum.url, str(path), hash_prefix=m.group(1) if m else None,
+                                       progress=False)
+    except (urllib.error.URLError, OSError) as e:
+        raise FeatxError(
+            f"weights {weights.id} are not in the torch hub cache ({hub_checkpoint_dir()}) and could "
+            f"not be downloaded ({e}); copy the file {path.name} there with `featx weights import FILE`, "
+            "or use --weights PATH or --weights none."
+        ) from None
+    except RuntimeError as e:  # torch.hub's hash mismatch
+        raise FeatxError(f"weights {weights.id} failed their hash check: {e}") from None
+    return path
+
+
+def skeleton_for(name: str, weights: Weights) -> nn.Module:
+    """The architecture the weights load into (the head included) without the weights
+    (:func:`featx.registry.skeleton`): for module names, tap widths and map sizes."""
+    head = (weights.meta or {}).get("head")
+    if head == "mlp":  # a fine-tuned MLP head: the backbone's own head replaced
+        model = registry.skeleton(name, None, weights.enum)
+        with torch.device(next(model.parameters()).device):
+            replace_head(model, weights.meta["num_classes"], "mlp", weights.meta.get("hidden", 512))
+        return model.eval()
+    return registry.skeleton(name, weights.num_classes, weights.enum).eval()
+
+
+def load_backbone(name: str, weights: Weights) -> tuple[nn.Module, Weights]:
+    """Build the model with its weights, in eval mode on the CPU.
+
+    Returns the model and the weights' record completed by loading (:func:`identify`; for
+    random weights the digest of the parameters made).
+    """
+    registry.check_backbone(name)
+    if weights.id == "none":
+        # seeded, so that a rerun (or a resumed run) makes the same network; the digest of
+        # the parameters lets a later run check that it made it again
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(weights.seed or 0)
+            model = registry.build(name)
+        return model.eval(), dataclasses.replace(weights, sha256=state_digest(model.state_dict()))
+    weights = identify(name, weights)
+    if weights.path is None:  # a torchvision entry, in the hub cache now
+        state = torch.load(_fetch(weights), map_location="cpu", weights_only=True)
+        return registry.build(name, weights.num_classes, state, weights.enum).eval(), weights
+    obj = read_tensors(weights.path)
+    state = obj["state_dict"] if weights.meta is not None else obj
+    origin = f"the tensors of {weights.path}"
+    if (weights.meta or {}).get("head") == "mlp":  # a fine-tuned MLP head has extra layers
         model = registry.build(name)
-        replace_head(model, meta["num_classes"], "mlp", meta.get("hidden", 512))
-        registry.load_state(model, obj, f"the tensors of {weights.path} do not fit backbone {name}")
-        return model.eval(), loaded
-    num_classes = None
-    for key in reversed(list(obj)):
-        if key.endswith("weight") and obj[key].ndim == 2:  # the last Linear: the head
-            num_classes = obj[key].shape[0]
-            break
-    return registry.build(name, num_classes, obj, loaded.enum, origin=f"the tensors of {weights.path}").eval(), loaded
+        replace_head(model, weights.meta["num_classes"], "mlp", weights.meta.get("hidden", 512))
+        registry.load_state(model, state, f"{origin} do not fit backbone {name}")
+        return model.eval(), weights
+    return registry.build(name, weights.num_classes, state, weights.enum, origin=origin).eval(), weights
 
 
 def preprocess_for(name: str, weights: Weights, image_size: int | None = None, grayscale: bool = False) -> Preprocess:

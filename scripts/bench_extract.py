@@ -62,7 +62,8 @@ def bench(backbone: str, data: Path, out_dir: Path, n: int) -> dict:
     import torchvision
 
     from featx.decode import Decoded
-    from featx.extract import ExtractConfig, FeatureExtractor, extract
+    from featx.extract import extract
+    from featx.extractor import ExtractConfig, FeatureExtractor
     from featx.sources import folder_source
 
     res = {}

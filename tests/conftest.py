@@ -56,7 +56,7 @@ def weights_file(tmp_path_factory) -> Path:
 
 
 def small_config(weights="none", **kw):
-    from featx.extract import ExtractConfig
+    from featx.extractor import ExtractConfig
 
     kw.setdefault("image_size", 32)
     kw.setdefault("batch_size", 4)

@@ -89,7 +89,7 @@ def test_any_setting_that_decides_the_vector_recomputes(photos, tmp_path, change
 
 
 def test_a_new_tap_computes_only_that_tap(photos, tmp_path, monkeypatch):
-    from featx.extract import FeatureExtractor
+    from featx.extractor import FeatureExtractor
 
     run(photos, tmp_path / "a.h5", layers=("features.6",))
     asked = []

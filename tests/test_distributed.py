@@ -120,7 +120,7 @@ FAIL_ON_RANK_1 = textwrap.dedent("""
     import os
     from featx.errors import FeatxError
     from featx.store import StoreWriter
-    def not_shared(self):
+    def not_shared(self, complete=False):
         if os.environ["RANK"] == "1":
             raise FeatxError("the parts folder is not visible here (simulated)")
         return self

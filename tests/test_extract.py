@@ -12,7 +12,8 @@ import torch
 from featx import registry, weights
 from featx.errors import FeatxError
 from featx.distributed import World
-from featx.extract import FeatureExtractor, extract
+from featx.extract import extract
+from featx.extractor import FeatureExtractor
 from featx.taps import TapRecorder, pool
 from featx.sources import folder_source
 from featx.store import FeatureStore, parts_dir

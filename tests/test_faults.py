@@ -636,7 +636,7 @@ def test_a_resumed_run_that_computed_nothing_reports_no_rate(photos, tmp_path, r
 def test_the_compile_fallback_warning_names_the_cause(monkeypatch):
     import torch
 
-    from featx.extract import FeatureExtractor
+    from featx.extractor import FeatureExtractor
 
     def broken(*a, **k):  # how dynamo wraps inductor's failure: the cause is a layer down
         try:
@@ -678,6 +678,7 @@ def test_the_recorded_command_under_torchrun_is_runnable(monkeypatch, tmp_path):
     from featx import store
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     argv = [str(Path(store.__file__).parent / "__main__.py"), "extract", "my photos", "--out", "f.h5"]
     monkeypatch.setattr(sys, "argv", argv)
     header = store.make_header({}, {})
@@ -690,9 +691,11 @@ def test_info_of_an_unfinished_torchrun_job_gives_a_runnable_hint(photos, tmp_pa
 
     out = tmp_path / "f.h5"
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(sys, "argv", [str(Path(store.__file__).parent / "__main__.py"), "extract", "photos"])
     header = store.make_header({"backbone": BACKBONE}, {"x": 1})
     monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
     w = store.StoreWriter(out, header, 8, {"features": {"layer": "features", "pool": "avg", "dim": 4}}, 4).prepare()
     w.add(0, 4, {"features": np.zeros((4, 4), np.float32)}, [0] * 4, list("abcd"), [], [])
     r = run_cli("info", out)
@@ -721,7 +724,7 @@ def test_a_few_cache_misses_give_the_same_bits_as_a_cache_free_run(photos, tmp_p
 def test_misses_scattered_over_units_go_through_the_network_in_full_batches(photos, tmp_path, monkeypatch):
     """Padding every batch would cost a whole batch per work unit with a miss: the misses of
     all units are batched together instead (one padded batch per job at most)."""
-    from featx.extract import FeatureExtractor
+    from featx.extractor import FeatureExtractor
 
     extract(folder_source(photos), tmp_path / "a.h5", small_config(), unit_items=4)
     for k, name in enumerate(("blue/0b.jpg", "blue/4b.jpg", "red/0b.jpg", "red/4b.jpg")):  # in units 0, 1, 2, 4 of 5

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from featx.extract import FeatureExtractor
+from featx.extractor import FeatureExtractor
 from featx.graph import TapNet, gflop_per_image, should_compile, should_freeze
 from featx.store import FeatureStore
 
@@ -154,3 +154,28 @@ def test_nothing_is_compiled_when_every_row_comes_from_the_cache(image_tree, tmp
     first = extract(src, tmp_path / "a.h5", small_config())
     again = extract(src, tmp_path / "b.h5", small_config(compile="on"))
     assert not first.compiled and again.cache_hits == len(src) and not again.compiled
+
+
+@needs_compiler
+def test_inductor_keeps_its_compiled_code_in_the_feature_cache(image_tree, tmp_path, monkeypatch, feature_cache):
+    """Inductor fixes its folder at its first use: setting TORCHINDUCTOR_CACHE_DIR just before
+    compiling did nothing, and the code landed in the system's temporary folder."""
+    import os
+
+    from torch._dynamo.utils import counters
+
+    from featx.extract import extract
+    from featx.sources import folder_source
+
+    monkeypatch.chdir(tmp_path)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    extract(folder_source(image_tree, "val"), tmp_path / "a.h5", small_config(compile="on"))
+    graphs = feature_cache / "inductor" / "fxgraph"
+    assert graphs.is_dir() and any(graphs.rglob("*")), list((feature_cache / "inductor").rglob("*"))[:5]
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before  # put back as it was
+    torch._dynamo.reset()
+    counters.clear()
+    extract(folder_source(image_tree, "train"), tmp_path / "b.h5", small_config(compile="on"))  # other images
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1  # the second run found the compiled graph there
+    extract(folder_source(image_tree, "val"), tmp_path / "c.h5", small_config(compile="on", cache=None))
+    assert not (tmp_path / "cache").exists()  # --no-cache writes nothing into the working directory

@@ -10,7 +10,7 @@ from PIL import Image
 from featx import registry
 from featx import weights as bb
 from featx.errors import FeatxError
-from featx.extract import FeatureExtractor
+from featx.extractor import FeatureExtractor
 from featx.decode import Decoded
 from featx.sources import files_source
 

@@ -1,0 +1,229 @@
+"""The extractor: a frozen backbone with its taps, preprocessing and device, and its setting.
+
+:class:`FeatureExtractor` turns uint8 batches into pooled features of every tap.  It knows
+its :class:`featx.setting.FeatureSetting` (everything that decides its vectors) and the
+width of every tap before the network exists: the weights are identified by their sha256,
+and the taps are resolved, checked and measured on the architecture's meta-device skeleton.
+The network itself is built on first use, so a run whose every vector comes from the feature
+cache never builds it (random weights, identified by the parameters they make, are the
+exception: they are made at once).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from featx import registry
+from featx.cache import default_location as default_cache_location
+from featx.decode import DEFAULT_MAX_PIXELS
+from featx.device import autocast_dtype, resolve_device
+from featx.distributed import World
+from featx.errors import FeatxError, root_cause
+from featx.graph import COMPILE_MODES, CompiledTaps, compile_taps, should_compile, should_freeze
+from featx.preprocess import Normalizer, Preprocess
+from featx.setting import FeatureSetting
+from featx.sources import Source, source_fingerprint
+from featx.store import make_header
+from featx.taps import TapRecorder, check_pool, map_sizes, widths
+from featx.weights import identify, load_backbone, preprocess_for, resolve_weights, skeleton_for
+
+SMALL_MAPS = ("refuse", "skip")
+
+
+@dataclass
+class ExtractConfig:
+    """What to extract and how (featx.setting.FROM_CONFIG and NOT_DECIDING sort its fields
+    into those that decide the vectors and those that only decide speed or output)."""
+
+    backbone: str = "resnet50"
+    weights: str = "DEFAULT"  # DEFAULT | enum member | none | path
+    layers: tuple[str, ...] = ()  # empty: the backbone's default tap
+    pools: tuple[str, ...] = ("avg",)
+    image_size: int | None = None  # override the weights' resize/crop
+    grayscale: bool = False
+    batch_size: int | None = None  # None: 32 on CPU (cache-friendly, measured), 128 on CUDA
+    workers: int | None = None  # None: one per core, at most 8 (0 on tiny jobs)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True  # faster on CUDA and, measured here, on CPU too (oneDNN)
+    dtype: str = "float32"  # stored feature dtype: float32 | float16
+    on_error: str = "skip"  # skip (record the failure) | fail
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool | None = None  # None: a bar on a terminal only
+    jpeg_draft: bool = True
+    preprocessing: str | None = None  # a Preprocess as JSON: replaces the weights' own (predict)
+    seed: int = 0  # initialisation of random weights (weights="none")
+    cache: str | None = "auto"  # feature cache: auto ($FEATX_CACHE or cache/features/), a folder, or None
+    compile: str = "auto"  # auto (when compiling pays: graph.should_compile) | on | off
+    small_maps: str = "refuse"  # a gridK tap whose map is smaller than KxK: refuse | skip (sweep: leave it out)
+
+
+def cache_folder(config: ExtractConfig) -> Path | None:
+    """The feature cache's folder of a config (None: no cache)."""
+    if not config.cache:
+        return None
+    return default_cache_location() if config.cache == "auto" else Path(config.cache)
+
+
+class FeatureExtractor:
+    """A frozen backbone with its taps, preprocessing and device: uint8 batches -> features.
+
+    Args:
+        config: the extraction settings (copied: the defaults filled in are this extractor's).
+        world: this process's place among several (decoding workers share the cores).
+    """
+
+    def __init__(self, config: ExtractConfig, world: World = World()):
+        self.config = c = replace(config)
+        self.world = world
+        registry.check_backbone(c.backbone)
+        for p in c.pools:
+            check_pool(p)
+        if c.compile not in COMPILE_MODES:
+            raise FeatxError(f"--compile {c.compile!r} is not one of {', '.join(COMPILE_MODES)}.")
+        if c.small_maps not in SMALL_MAPS:
+            raise FeatxError(f"small_maps {c.small_maps!r} is not one of {', '.join(SMALL_MAPS)}.")
+        self.device = resolve_device(c.device)
+        if c.batch_size is None:
+            c.batch_size = 128 if self.device.type == "cuda" else 32
+        if c.batch_size < 1:
+            raise FeatxError(f"--batch-size {c.batch_size} must be at least 1.")
+        self.amp = autocast_dtype(c.precision, self.device)
+        self.nhwc = registry.family_of(c.backbone).nhwc
+        self._model: torch.nn.Module | None = None
+        self.weights = identify(c.backbone, resolve_weights(c.backbone, c.weights, c.seed))
+        if self.weights.id == "none":  # identified by the parameters it makes: made now
+            shapes = self.model
+        else:
+            shapes = skeleton_for(c.backbone, self.weights)
+        if c.preprocessing:
+            self.pre = Preprocess.from_json(c.preprocessing)
+        else:
+            self.pre = preprocess_for(c.backbone, self.weights, c.image_size, c.grayscale)
+            self.pre.jpeg_draft = c.jpeg_draft
+        layers = list(c.layers) or [registry.default_tap(c.backbone, shapes)]
+        self.layers = list(dict.fromkeys(registry.resolve_tap(c.backbone, shapes, layer) for layer in layers))
+        multi = len(c.pools) > 1
+        self.taps = {(f"{layer}@{p}" if multi else layer): (layer, p) for layer in self.layers for p in c.pools}
+        self.skipped = self._fit_grids(shapes)  # gridK taps on maps smaller than KxK, when small_maps="skip"
+        self.default_tap = next(iter(self.taps))
+        self.dims = widths(shapes, self.taps, self.pre.crop, self.nhwc)  # before any image, from shapes only
+        self.normalize = Normalizer(self.pre, self.device, c.channels_last)
+        self.setting = FeatureSetting(
+            backbone=c.backbone, weights_sha256=self.weights.sha256,
+            taps=tuple((name, layer, p) for name, (layer, p) in self.taps.items()),
+            preprocessing=self.pre.to_json(), precision=str(self.amp or torch.float32).replace("torch.", ""),
+            dtype=c.dtype, channels_last=bool(c.channels_last), device=self.device.type,
+            torch_version=str(torch.__version__), max_pixels=int(c.max_pixels))
+        self.compiled: CompiledTaps | None = None
+        self._compile_decided = False
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network with its weights, on the device, frozen (built on first use)."""
+        if self._model is None:
+            model, self.weights = load_backbone(self.config.backbone, self.weights)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model = model.to(self.device)
+            if self.config.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self._model = model.eval()
+        return self._model
+
+    def _fit_grids(self, shapes: torch.nn.Module) -> dict[str, tuple]:
+        """Refuse (or, with ``small_maps="skip"``, leave out) gridK taps whose map is smaller
+        than K x K: such a grid repeats the map's cells, and a large K fills memory."""
+        grids = {name: (layer, int(p[4:])) for name, (layer, p) in self.taps.items() if p.startswith("grid")}
+        if not grids:
+            return {}
+        blank = torch.zeros(1, 3, self.pre.crop, self.pre.crop, device=next(shapes.parameters()).device)
+        sizes = map_sizes(shapes, list(dict.fromkeys(layer for layer, _ in grids.values())), blank, self.nhwc)
+        small = {name: sizes[layer] for name, (layer, k) in grids.items() if k > min(sizes[layer])}
+        if not small:
+            return {}
+        if self.config.small_maps != "skip" or len(small) == len(self.taps):
+            name, (h, w) = next(iter(small.items()))
+            layer, p = self.taps[name]
+            raise FeatxError(f"--pool {p} asks for a {p[4:]}x{p[4:]} grid, but {layer}'s map is {h}x{w} at "
+                             f"{self.pre.crop} px; use gridK with K <= {min(h, w)}, a larger --image-size, or an "
+                             "earlier --layer.")
+        for name in small:
+            del self.taps[name]
+        return small
+
+    def prepare(self, n_images: int) -> None:
+        """Compile the tap-cut graph when ``config.compile`` says so for ``n_images`` images
+        (once; a failure leaves the eager path, with one warning).  Inductor keeps the
+        compiled code in ``<feature cache>/inductor`` (nowhere of featx's without a cache)."""
+        if self._compile_decided or not should_compile(self.config.compile, self.device, n_images):
+            return
+        self._compile_decided = True
+        folder = cache_folder(self.config)
+        example = self.normalize(torch.zeros(1, 3, self.pre.crop, self.pre.crop, dtype=torch.uint8))
+        with torch.inference_mode(), self._autocast():
+            self.compiled = compile_taps(self.model, self.taps, self.nhwc, self.config.batch_size, example,
+                                         freeze=should_freeze(self.config.backbone, self.pre.crop, n_images),
+                                         cache_dir=folder / "inductor" if folder else None)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def __call__(self, x: torch.Tensor, taps: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Features of a uint8 batch (N, 3, H, W) for every tap (or the named ones: the
+        forward pass stops once they fired), as float32 arrays.
+
+        A batch smaller than the batch size is padded to it (with blank images), so every
+        image goes through the same batch shape: oneDNN's kernels, and so the last bits of
+        a vector, depend on the batch size, and this makes an image's vector the same
+        whichever images share its batch, in a full run, a resumed one or a few cache misses.
+        """
+        wanted = self.taps if taps is None else {t: self.taps[t] for t in taps}
+        n = x.shape[0]
+        if n < self.config.batch_size:
+            x = torch.cat([x, x.new_zeros((self.config.batch_size - n, *x.shape[1:]))])
+        with torch.inference_mode():
+            x = self.normalize(x)
+            with self._autocast():
+                out = self._compiled(x, wanted) if self.compiled is not None else None
+                if out is None:
+                    with TapRecorder(self.model, wanted, self.nhwc) as rec:
+                        out = rec.run(x)
+            return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
+
+    def _compiled(self, x: torch.Tensor, wanted: dict) -> dict | None:
+        """The compiled graph's taps (it computes all of them); None, with one warning, and
+        eager from then on, if it fails at run time."""
+        try:
+            return {k: v for k, v in self.compiled(x).items() if k in wanted}
+        except Exception as e:  # noqa: BLE001 - e.g. a recompile the compiler cannot do
+            warnings.warn(f"the compiled network failed ({root_cause(e)}); running it eagerly.", stacklevel=3)
+            self.compiled = None
+            return None
+
+    def tap_specs(self) -> dict[str, dict]:
+        """Stored tap name -> layer, pooling and width (what the writer needs up front)."""
+        return {name: {"layer": layer, "pool": p, "dim": self.dims[name]} for name, (layer, p) in self.taps.items()}
+
+    def header(self, source: Source) -> dict:
+        """Root attributes of the feature file: the setting, how the file was made, and the
+        fingerprint an unfinished run must match to be continued (the writer adds the unit
+        size)."""
+        c, w = self.config, self.weights
+        provenance = {
+            "backbone": c.backbone, "weights": w.id, "weights_sha256": w.sha256,
+            "weights_path": os.path.abspath(w.path) if w.path else "",
+            **({"weights_seed": w.seed} if w.seed is not None else {}),
+            "taps": self.taps, "pooling": {name: p for name, (_, p) in self.taps.items()},
+            "preprocessing": self.pre.to_json(), "precision": self.setting.precision, "compile": c.compile,
+            "torch_version": str(torch.__version__), "torchvision_version": torchvision.__version__,
+            "source": source.describe(), "setting": self.setting.to_json(),
+        }
+        return make_header(provenance, self.setting.fingerprint(source_fingerprint(source)))
