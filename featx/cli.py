@@ -16,6 +16,7 @@ import warnings
 
 import click
 
+from featx.classifiers import CLASSIFIERS
 from featx.errors import FeatxError
 
 # -- option types: every value is checked where it is parsed ---------------------------------
@@ -174,15 +175,8 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
     """
     from featx.decode import DEFAULT_MAX_PIXELS
     from featx.distributed import from_env
-    from featx.extract import ExtractConfig
-    from featx.extract import extract as run
-    from featx.registry import check_backbone
-    from featx.sources import open_source
+    from featx.extract import ExtractConfig, extract_data
 
-    check_backbone(backbone)  # before scanning a possibly large folder
-    source = open_source(data, split=split, root=root)
-    if source.note and from_env().is_main:
-        _say(source.note)
     config = ExtractConfig(
         backbone=backbone, weights=weights, layers=tuple(layers), pools=tuple(dict.fromkeys(pools)),
         image_size=image_size, grayscale=grayscale, batch_size=batch_size, workers=workers, device=device,
@@ -190,7 +184,7 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, seed=seed, cache=None if no_cache else "auto",
         compile=compile_mode,
     )
-    r = run(source, out, config, overwrite=overwrite, unit_items=unit_size, log=_say)
+    r = extract_data(data, out, config, split=split, root=root, overwrite=overwrite, unit_items=unit_size, log=_say)
     if not from_env().is_main:
         return  # under torchrun, rank 0 reports for the job
     if r.already_complete:
@@ -355,7 +349,7 @@ def _existing_cache():
 
 @main.command()
 @click.argument("features", type=click.Path())
-@click.option("--clf", type=click.Choice(["logreg", "svm", "mlp"]), default="logreg", show_default=True)
+@click.option("--clf", type=click.Choice(list(CLASSIFIERS)), default="logreg", show_default=True)
 @click.option("--tap", default=None, help="stored tap to fit on (default: the file's default tap).")
 @click.option("--val", "val_path", type=click.Path(), default=None, help="a validation feature file for selection.")
 @click.option("--val-fraction", type=FiniteFloat(0.01, 0.9), default=0.2, show_default=True,
@@ -376,27 +370,13 @@ def _existing_cache():
 def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, memory_budget, drop_nonfinite,
         seed, out, report_dir, use_pickle):
     """Train a classifier on FEATURES, select its hyper-parameters, save a model bundle."""
-    from featx import bundle as bundle_mod
     from featx.classifiers import parse_grid
-    from featx.files import check_output
-    from featx.fit import fit_store
-    from featx.metrics import format_table, write_report
-    from featx.store import FeatureStore
+    from featx.fit import fit_file
+    from featx.metrics import format_table
 
-    cw = None if class_weight == "none" else class_weight
     spec = parse_grid(grid) if grid else search
-    rd = report_dir or os.path.splitext(out)[0] + "-report"
-    check_output(out, what="--out")  # both, before the fit: a bundle without its report is no use
-    check_output(rd, folder=True, what="--report")
-    with FeatureStore(features) as store:
-        tap = tap or store.default_tap
-        prov = store.provenance(tap)
-        result = fit_store(store, tap, clf, val_path, val_fraction, spec, cw, seed, memory_budget, log=click.echo,
-                           drop_nonfinite=drop_nonfinite)
-    meta = {**prov, "clf": clf, "params": result.params, "fit_seconds": result.fit_seconds,
-            "features_file": os.path.abspath(features), "out_of_core": result.out_of_core,
-            "convergence": result.convergence}
-    bundle_mod.save(out, result.pipeline, meta, use_pickle=use_pickle)
+    result = fit_file(features, out, clf, tap, val_path, val_fraction, spec, None if class_weight == "none" else
+                      class_weight, memory_budget, seed, report_dir, use_pickle, drop_nonfinite, log=click.echo)
     for row in result.search:
         click.echo(f"  {json.dumps(row['params'])}: val accuracy {row['val_accuracy']:.4f} ({row['seconds']:.1f}s)")
     if result.params:
@@ -405,14 +385,10 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
         c = result.convergence
         how = c.get("rule") or ("converged" if c["converged"] else "stopped at its epoch limit, not converged")
         click.echo(f"final fit: {c['epochs']} epochs, {how} (objective {c['objective']:.4f})")
-    report = {"clf": clf, "tap": tap, "params": result.params, "search": result.search,
-              "fit_seconds": result.fit_seconds, "out_of_core": result.out_of_core,
-              "convergence": result.convergence, "metrics": result.val_metrics, "split": "validation"}
-    if result.val_metrics:
+    if result.report_dir:
         click.echo("validation:\n" + format_table(result.val_metrics))
-        write_report(rd, report, prov["classes"])
-        click.echo(f"report: {rd}/metrics.json, {rd}/confusion_matrix.png")
-    click.echo(f"saved {out} ({clf} on {tap}, {result.fit_seconds:.1f}s)")
+        click.echo(f"report: {result.report_dir}/metrics.json, {result.report_dir}/confusion_matrix.png")
+    click.echo(f"saved {out} ({clf} on {result.tap}, {result.fit_seconds:.1f}s)")
 
 
 @main.command()
@@ -423,27 +399,12 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
 @click.option("--allow-pickle", is_flag=True, help="accept a joblib/pickle bundle (runs code from the file).")
 def evaluate(model, features, report_dir, allow_pickle):
     """Score MODEL on a labelled feature file; print and save the metrics."""
-    from featx import bundle as bundle_mod
-    from featx.files import check_output
-    from featx.metrics import evaluate_store, format_table, write_report
-    from featx.store import FeatureStore, check_provenance
+    from featx.fit import evaluate_file
+    from featx.metrics import format_table
 
-    if report_dir:
-        check_output(report_dir, folder=True, what="--report")
-    b = bundle_mod.load(model, allow_pickle=allow_pickle)
-    tap = b.meta["tap"]
-    with FeatureStore(features) as store:
-        if tap not in store.taps:
-            raise FeatxError(f"{features} has no tap {tap!r}, which the model was trained on; it has "
-                             f"{', '.join(store.taps)}.")
-        check_provenance(b.meta, store.provenance(tap), features)
-        y = store.labels
-        if (y < 0).any():
-            raise FeatxError(f"{features} has unlabeled rows; evaluate needs labels (use predict instead).")
-        m = evaluate_store(b.pipeline, store, tap, b.classes)  # chunk by chunk: any size
+    _, m = evaluate_file(model, features, report_dir, allow_pickle)
     click.echo(f"{model} on {features} ({m['n']} rows):\n" + format_table(m))
     if report_dir:
-        write_report(report_dir, {"model": model, "features": features, "metrics": m}, b.classes)
         click.echo(f"report: {report_dir}/metrics.json, {report_dir}/confusion_matrix.png")
 
 
@@ -460,24 +421,16 @@ def evaluate(model, features, report_dir, allow_pickle):
 @click.option("--allow-pickle", is_flag=True, help="accept a joblib/pickle bundle (runs code from the file).")
 def predict(model, inputs, out, sheet, weights, batch_size, workers, device, compile_mode, allow_pickle):
     """Classify images (a folder, a CSV list, or image files) with MODEL."""
-    from featx.files import check_output
-    from featx.predict import predict_images, write_predictions, write_sheet
+    from featx.predict import predict_files
 
-    check_output(out, what="--out")  # before the images are read
-    if sheet:
-        check_output(sheet, what="--sheet")
-    res = predict_images(model, list(inputs), weights=weights, batch_size=batch_size, workers=workers,
-                         device=device, allow_pickle=allow_pickle, compile=compile_mode)
-    if getattr(res.source, "note", ""):
-        _say(res.source.note)
-    write_predictions(out, res)
+    res = predict_files(model, list(inputs), out, sheet, weights=weights, batch_size=batch_size, workers=workers,
+                        device=device, allow_pickle=allow_pickle, compile=compile_mode, log=_say)
     n_ok = sum(1 for r in res.rows if r["error"] is None)
     click.echo(f"wrote {out}: {n_ok} images classified, {len(res.rows) - n_ok} failed")
     for r in res.rows:
         if r["error"] is not None:
             click.echo(f"  failed: {r['id']}: {r['error']}", err=True)
     if sheet:
-        write_sheet(sheet, res)
         click.echo(f"contact sheet: {sheet}")
 
 
@@ -511,33 +464,21 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, train_spli
           max_per_class, root, image_size, batch_size, workers, device, compile_mode, seed, out):
     """Probe every tap x pooling with a linear classifier; table, plot and advice in OUT."""
     from featx import sweep as sw
-    from featx.store import FeatureStore
 
     def show(row):
         click.echo(f"  {row.tap:28s} dim {row.dim:6d}  val acc {row.val_accuracy:.4f}  ({row.fit_seconds:.1f}s)")
 
     if (data is None) == (train_path is None):
         raise FeatxError("give either DATA (images) or --train FEATURES.h5, not both or neither.")
-    from featx.files import check_output
-
-    check_output(out, folder=True, what="--out")
     if data is not None:
         _, advice = sw.sweep_images(data, out, backbone, weights, list(taps), list(pools), train_split,
                                     val_split, max_per_class, image_size, root, seed,
                                     {"batch_size": batch_size, "workers": workers, "device": device,
                                      "compile": compile_mode},
-                                    progress=show, val_fraction=val_fraction, log=lambda s: click.echo(s, err=True))
+                                    progress=show, val_fraction=val_fraction, log=_say)
     else:
-        with FeatureStore(train_path) as tr:
-            val = FeatureStore(val_path) if val_path else None
-            try:
-                rows_idx = sw.per_class_subset(tr.labels, max_per_class, seed) if max_per_class else None
-                wanted = None if list(taps) == ["blocks"] else [t for t in tr.taps if tr.tap_info(t)["layer"] in taps
-                                                               or t in taps]
-                _, advice = sw.sweep_features(tr, val, out, wanted, rows_idx, val_fraction, seed, progress=show)
-            finally:
-                if val is not None:
-                    val.close()
+        _, advice = sw.sweep_files(train_path, val_path, out, list(taps), max_per_class, val_fraction, seed,
+                                   progress=show)
     click.echo("\n".join(advice))
     click.echo(f"table: {out}/sweep.csv, plot: {out}/accuracy_by_depth.png")
 
@@ -582,23 +523,14 @@ def finetune(data, split, val_split, val_fraction, root, backbone, weights, unfr
              backbone_lr_mult, optimizer, label_smoothing, augment, image_size, batch_size, workers, device,
              compile_mode, seed, resume, out):
     """Fine-tune BACKBONE on DATA: a new head, plus the last N blocks (or all)."""
-    from featx.finetune import FinetuneConfig
-    from featx.finetune import finetune as run
-    from featx.registry import check_backbone
-    from featx.sources import open_splits
+    from featx.finetune import FinetuneConfig, finetune_data
 
-    check_backbone(backbone)
-    splits = open_splits(data, split, val_split, root, val_fraction, seed)
-    click.echo(splits.note, err=True)
-    train, val = splits.train, splits.val
-    if val is not None and list(val.classes) != list(train.classes):
-        raise FeatxError(f"validation classes {val.classes} differ from training classes {train.classes}.")
     config = FinetuneConfig(backbone=backbone, weights=weights, unfreeze=unfreeze, head=head, epochs=epochs,
                             warmup_epochs=warmup_epochs, lr=lr, backbone_lr_mult=backbone_lr_mult,
                             optimizer=optimizer, label_smoothing=label_smoothing, augment=augment,
                             image_size=image_size, batch_size=batch_size, workers=workers, device=device, seed=seed,
                             compile=compile_mode)
-    r = run(train, val, out, config, resume=resume, log=click.echo)
+    r = finetune_data(data, out, config, split, val_split, root, val_fraction, resume, log=click.echo, say=_say)
     click.echo(f"weights: {r['weights']} (+ backbone.json); metrics: {out}/metrics.csv, {out}/training_curves.png")
 
 

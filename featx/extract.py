@@ -26,14 +26,15 @@ from tqdm.auto import tqdm
 
 from featx.cache import CacheLookup, FeatureCache
 from featx.decode import Decoded, collate
-from featx.distributed import World, agree, barrier, broadcast, cpu_share, device_spec, session
+from featx.distributed import World, agree, barrier, broadcast, cpu_share, device_spec, from_env, session
 from featx.errors import FeatxError
 from featx.extractor import ExtractConfig, FeatureExtractor, cache_folder
 from featx.files import check_output, os_error
-from featx.sources import Source
+from featx import registry
+from featx.sources import Source, open_source
 from featx.store import FeatureStore, StoreWriter
 
-__all__ = ["ExtractConfig", "ExtractResult", "compute", "extract", "unit_size"]
+__all__ = ["ExtractConfig", "ExtractResult", "compute", "extract", "extract_data", "unit_size"]
 
 
 @dataclass
@@ -155,6 +156,18 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
                 n_rows, failed, hits = _summary_of(out)
         return ExtractResult(str(out), len(source), n_rows, failed, done, time.perf_counter() - t0,
                              units_done=len(mine), cache_hits=hits, compiled=extractor.compiled is not None)
+
+
+def extract_data(data: str, out: str | os.PathLike, config: ExtractConfig, split: str | None = None,
+                 root: str | None = None, overwrite: bool = False, unit_items: int | None = None,
+                 log=None) -> ExtractResult:
+    """``featx extract DATA``: open DATA (a folder, a CSV/TSV list or ``torchvision:NAME``;
+    split folders as every command reads them, said through ``log``) and :func:`extract` it."""
+    registry.check_backbone(config.backbone)  # before scanning a possibly large folder
+    source = open_source(data, split=split, root=root)
+    if source.note and log and from_env().is_main:
+        log(source.note)
+    return extract(source, out, config, overwrite=overwrite, unit_items=unit_items, log=log)
 
 
 class _Plan:

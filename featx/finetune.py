@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from featx import plots
+from featx import plots, registry
 from featx.decode import Decoded, collate
 from featx.device import autocast_dtype, resolve_device
 from featx.errors import FeatxError, root_cause
@@ -40,7 +40,7 @@ from featx.files import atomic_open, check_output
 from featx.graph import AUTO_MIN_TRAIN_IMAGES, COMPILE_MODES, should_compile
 from featx.heads import Head, apply_freeze, replace_head, train_mode, trainable_prefixes
 from featx.preprocess import Normalizer, Preprocess
-from featx.sources import Source
+from featx.sources import Source, open_splits
 from featx.weights import load_backbone, preprocess_for, resolve_weights, save_finetuned, save_tensors
 
 AUGMENTS = ("default", "light", "none")
@@ -123,6 +123,10 @@ def _check(train: Source, val: Source | None, c: FinetuneConfig) -> None:
         raise FeatxError("the training split has a single class; fine-tuning needs at least two.")
     if val is not None and len(val) == 0:
         raise FeatxError("the validation split is empty.")
+    if val is not None and list(val.classes) != list(train.classes):
+        raise FeatxError(f"validation classes {list(val.classes)[:5]}... differ from training classes "
+                         f"{list(train.classes)[:5]}..., so their label numbers mean different classes (give every "
+                         "split the same class folders).")
     for option, value, ok, allowed in (
             ("--lr", c.lr, c.lr > 0, "a positive number"),
             ("--backbone-lr-mult", c.backbone_lr_mult, 0 < c.backbone_lr_mult <= 1, "a value in (0, 1]"),
@@ -379,3 +383,15 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
         w.writeheader()
         w.writerows(history)
     plots.training_curves(out / "training_curves.png", history)
+
+
+def finetune_data(data: str, out: str | os.PathLike, config: FinetuneConfig, split: str | None = None,
+                  val_split: str | None = None, root: str | None = None, val_fraction: float = 0.2,
+                  resume: bool = False, log=print, say=None) -> dict:
+    """``featx finetune DATA``: the training and validation images as sweep finds them
+    (:func:`featx.sources.open_splits`, announced through ``say``, default ``log``), then
+    :func:`finetune`."""
+    registry.check_backbone(config.backbone)
+    splits = open_splits(data, split, val_split, root, val_fraction, config.seed)
+    (say or log)(splits.note)
+    return finetune(splits.train, splits.val, out, config, resume=resume, log=log)

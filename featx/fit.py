@@ -17,16 +17,19 @@ import copy
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sklearn import metrics as skm
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from featx.classifiers import DEFAULT_GRIDS, fit_params, make_classifier, make_online_classifier
+from featx.classifiers import fit_params, make_classifier, make_online_classifier, spec_of
+from featx import bundle
 from featx.errors import FeatxError
+from featx.files import check_output
 from featx.linear import FastLogisticRegression
-from featx.metrics import evaluate, evaluate_batches
+from featx.metrics import evaluate, evaluate_batches, evaluate_store, write_report
 from featx.online import batch_rows
 from featx.sources import stratified_holdout
 from featx.store import FeatureStore, check_provenance, nonfinite
@@ -44,6 +47,8 @@ class FitResult:
     fit_seconds: float = 0.0
     out_of_core: bool = False
     convergence: dict | None = None  # out of core: epochs of the final fit, converged or not
+    tap: str | None = None  # fit_file: the tap fitted on
+    report_dir: Path | None = None  # fit_file: where the validation report went (None: no validation)
 
     @property
     def val_accuracy(self) -> float | None:
@@ -82,24 +87,19 @@ def holdout(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, 
     return train, val
 
 
-# In memory, scikit-learn's SVM calibrates its probabilities on 5 stratified folds, and its
-# MLP holds out 10 % of the training rows for early stopping (at least 2 rows).
-SVM_FOLDS = 5
-MLP_HOLDOUT = 0.1
-
-
 def check_class_sizes(clf: str, y: np.ndarray, classes: list[str] | None = None, what: str = "the training rows") -> None:
-    """Refuse, naming the class and its count, what scikit-learn would fail on with a traceback."""
+    """Refuse, naming the class and its count, what the classifier (in memory) would fail on
+    with scikit-learn's traceback (:class:`featx.classifiers.ClassifierSpec`'s minimums)."""
+    spec = spec_of(clf)
     labels, counts = np.unique(y, return_counts=True)
     k = int(np.argmin(counts))
     name = classes[labels[k]] if classes is not None and 0 <= labels[k] < len(classes) else str(labels[k])
-    if clf == "svm" and counts[k] < SVM_FOLDS:
-        raise FeatxError(f"class {name!r} has {counts[k]} of {what}, and --clf svm needs at least {SVM_FOLDS} per "
-                         f"class (it calibrates its probabilities on {SVM_FOLDS} folds); add images, or use --clf logreg.")
-    need = int(np.floor(1 / MLP_HOLDOUT)) + 1
-    if clf == "mlp" and len(y) < need:
-        raise FeatxError(f"--clf mlp holds out {MLP_HOLDOUT:.0%} of {what} (2 rows at least) for early stopping, so "
-                         f"it needs at least {need} of them, and there are {len(y)}; add images, or use --clf logreg.")
+    if counts[k] < spec.min_per_class:
+        raise FeatxError(f"class {name!r} has {counts[k]} of {what}, and --clf {clf} needs at least "
+                         f"{spec.min_per_class} per class ({spec.why_min}); add images, or use --clf logreg.")
+    if len(y) < spec.min_rows:
+        raise FeatxError(f"--clf {clf} needs at least {spec.min_rows} of {what} ({spec.why_min}), and there are "
+                         f"{len(y)}; add images, or use --clf logreg.")
 
 
 def check_finite(X: np.ndarray, what: str) -> None:
@@ -133,7 +133,8 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     X = np.asarray(X, dtype=np.float32)
     _check_labels(y, "the training set")
     check_finite(X, "the training features")
-    grid = DEFAULT_GRIDS[clf] if search == "auto" else ({} if search == "none" else search)
+    spec = spec_of(clf)
+    grid = spec.grid if search == "auto" else ({} if search == "none" else search)
     if not grid and X_val is None:
         check_class_sizes(clf, y, classes)
         pipe = make_classifier(clf, n_samples=len(X), class_weight=class_weight, seed=seed)
@@ -149,7 +150,7 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     check_class_sizes(clf, y_tr, classes, "the training rows left after the hold-out" if X_val is not None else
                       "the training rows")
     points = _grid_points(grid) or [{}]
-    if clf == "logreg" and set(grid) <= {"C"}:
+    if spec.path_in_memory and set(grid) <= {spec.regularisation}:
         rows, best_pipe = _logreg_path(X_tr, y_tr, X_val, y_val, sorted(p.get("C", 1.0) for p in points),
                                        class_weight)
     else:
@@ -161,7 +162,7 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
         X_all, y_all = np.concatenate([X_tr, X_val]), np.concatenate([y_tr, y_val])
         pipe = make_classifier(clf, n_samples=len(X_all), class_weight=class_weight, seed=seed, **best["params"])
         extra = fit_params(clf, class_weight, y_all)
-        if clf == "logreg":  # start from the selected solution: a few iterations suffice
+        if spec.warm_refit:  # start from the selected solution: a few iterations suffice
             lr = best_pipe.named_steps["clf"]
             extra.update(clf__coef_init=lr.coef_, clf__intercept_init=lr.intercept_)
         pipe.fit(X_all, y_all, **extra)
@@ -233,8 +234,9 @@ def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "log
     y = store.labels
     _check_labels(y if rows is None else y[rows], "the training set")
     budget = memory_budget if memory_budget is not None else default_budget()
-    grid = DEFAULT_GRIDS[clf] if search == "auto" else ({} if search == "none" else dict(search))
-    reg = "alpha" if clf == "mlp" else "C"
+    spec = spec_of(clf)
+    grid = spec.grid if search == "auto" else ({} if search == "none" else dict(search))
+    reg = spec.regularisation
     everything = [Part(store, tap, rows)] + ([Part(val, tap, val_rows)] if val is not None else [])
     if not grid and val is None:
         pipe, est = _fit_streamed(clf, everything, {}, None, class_weight, seed, budget)
@@ -262,7 +264,7 @@ def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "log
     val_metrics = evaluate_batches(selected, RowStream(val_parts, buffer_rows_for(budget, store.dim(tap)),
                                                        seed=seed).sequential())
     refit_parts = everything
-    epochs = est.best_epoch_ if clf == "mlp" else None  # the MLP: as many epochs as validation chose
+    epochs = est.best_epoch_ if spec.epochs_from_validation else None  # as many epochs as validation chose
     pipe, final = _fit_streamed(clf, refit_parts, chosen["params"], None, class_weight, seed, budget, epochs)
     return FitResult(pipe, chosen["params"], rows, val_metrics, time.perf_counter() - t0, True,
                      _convergence(final, epochs is not None))
@@ -398,3 +400,57 @@ def _finite_rows(store: FeatureStore, tap: str, bad: np.ndarray, drop: bool, log
     keep = np.ones(len(store), bool)
     keep[bad] = False
     return keep
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def fit_file(features: str | os.PathLike, out: str | os.PathLike, clf: str = "logreg", tap: str | None = None,
+             val_path=None, val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
+             memory_budget: int | None = None, seed: int = 0, report_dir=None, use_pickle: bool = False,
+             drop_nonfinite: bool = False, log=None) -> FitResult:
+    """``featx fit``: fit on a feature file (:func:`fit_store`), save the bundle with the
+    features' provenance, and write the validation report (default ``<out>-report/``).
+    Both output locations are checked before the fit: no bundle without its report."""
+    report_dir = Path(report_dir or os.path.splitext(str(out))[0] + "-report")
+    check_output(out, what="--out")
+    check_output(report_dir, folder=True, what="--report")
+    with FeatureStore(features) as store:
+        tap = tap or store.default_tap
+        prov = store.provenance(tap)
+        result = fit_store(store, tap, clf, val_path, val_fraction, search, class_weight, seed, memory_budget, log,
+                           drop_nonfinite)
+    meta = {**prov, "clf": clf, "params": result.params, "fit_seconds": result.fit_seconds,
+            "features_file": os.path.abspath(features), "out_of_core": result.out_of_core,
+            "convergence": result.convergence}
+    bundle.save(out, result.pipeline, meta, use_pickle=use_pickle)
+    result.tap = tap
+    if result.val_metrics:
+        write_report(report_dir, {"clf": clf, "tap": tap, "params": result.params, "search": result.search,
+                                  "fit_seconds": result.fit_seconds, "out_of_core": result.out_of_core,
+                                  "convergence": result.convergence, "metrics": result.val_metrics,
+                                  "split": "validation"}, prov["classes"])
+        result.report_dir = report_dir
+    return result
+
+
+def evaluate_file(model: str | os.PathLike, features: str | os.PathLike, report_dir=None,
+                  allow_pickle: bool = False) -> tuple[bundle.Bundle, dict]:
+    """``featx evaluate``: score a model bundle on a labelled feature file of the same
+    backbone, weights, tap, pooling and classes (refused otherwise, in one sentence), chunk
+    by chunk; write ``metrics.json`` and the confusion matrix to ``report_dir`` if given."""
+    if report_dir:
+        check_output(report_dir, folder=True, what="--report")
+    b = bundle.load(model, allow_pickle=allow_pickle)
+    tap = b.meta["tap"]
+    with FeatureStore(features) as store:
+        if tap not in store.taps:
+            raise FeatxError(f"{features} has no tap {tap!r}, which the model was trained on; it has "
+                             f"{', '.join(store.taps)}.")
+        check_provenance(b.meta, store.provenance(tap), str(features))
+        if (store.labels < 0).any():
+            raise FeatxError(f"{features} has unlabeled rows; evaluate needs labels (use predict instead).")
+        m = evaluate_store(b.pipeline, store, tap, b.classes)
+    if report_dir:
+        write_report(report_dir, {"model": str(model), "features": str(features), "metrics": m}, b.classes)
+    return b, m

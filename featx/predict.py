@@ -21,7 +21,7 @@ from featx.decode import open_rgb
 from featx.errors import FeatxError
 from featx.extract import compute
 from featx.extractor import ExtractConfig, FeatureExtractor
-from featx.files import atomic_open
+from featx.files import atomic_open, check_output
 from featx.sources import files_source, open_source
 from featx.weights import finetuned_meta
 
@@ -179,3 +179,20 @@ def write_sheet(path: str | os.PathLike, res: PredictResult, max_images: int = 4
     titles = [r["predicted"] + (f" {100 * r['probabilities'][r['predicted']]:.0f}%" if r["probabilities"] else "")
               for r in rows]
     plots.contact_sheet(path, images, titles)
+
+
+def predict_files(model: str, inputs: list[str], out: str | os.PathLike, sheet: str | os.PathLike | None = None,
+                  log=None, **options) -> PredictResult:
+    """``featx predict``: check the output locations first, classify ``inputs``
+    (:func:`predict_images`, ``options`` are its keywords), write the CSV and, if asked, the
+    contact sheet.  A note about how a folder was read goes to ``log``."""
+    check_output(out, what="--out")  # before the images are read
+    if sheet:
+        check_output(sheet, what="--sheet")
+    res = predict_images(model, inputs, **options)
+    if log and getattr(res.source, "note", ""):
+        log(res.source.note)
+    write_predictions(out, res)
+    if sheet:
+        write_sheet(sheet, res)
+    return res

@@ -22,7 +22,7 @@ import numpy as np
 from featx import plots, registry
 from featx.errors import FeatxError
 from featx.extract import ExtractConfig, extract
-from featx.files import atomic_open, write_text
+from featx.files import atomic_open, check_output, write_text
 from featx.fit import fit_arrays, holdout
 from featx.sources import Subset, open_splits
 from featx.store import FeatureStore, check_provenance, nonfinite
@@ -195,6 +195,7 @@ def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[st
     Splits as :func:`featx.sources.open_splits` finds them: ``train``/``val`` folders when
     DATA has them, else all of DATA with a stratified, seeded hold-out for validation.
     """
+    check_output(out, folder=True, what="--out")
     blocks = block_taps(backbone)
     layers = blocks if not taps or taps == ["blocks"] else taps
     # a gridK pooling is left out where a block's map is smaller than K x K (late blocks, small images)
@@ -224,6 +225,28 @@ def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[st
         try:
             return sweep_features(tr, val, out_dir, seed=seed, progress=progress, n_train=n_full, data=data,
                                   val_fraction=val_fraction)
+        finally:
+            if val is not None:
+                val.close()
+
+
+def sweep_files(train_path, val_path, out: str | os.PathLike, taps: list[str] | None = None,
+                max_per_class: int | None = None, val_fraction: float = 0.2, seed: int = 0,
+                progress=None) -> tuple[list[ProbeRow], list[str]]:
+    """``featx sweep --train FILE [--val FILE]``: probe the taps of feature files.
+
+    ``taps``: layer or stored tap names to probe (None or ``["blocks"]``: every tap).
+    """
+    check_output(out, folder=True, what="--out")
+    with FeatureStore(train_path) as tr:
+        val = FeatureStore(val_path) if val_path else None
+        try:
+            rows = per_class_subset(tr.labels, max_per_class, seed) if max_per_class else None
+            wanted = None if not taps or list(taps) == ["blocks"] else \
+                [t for t in tr.taps if tr.tap_info(t)["layer"] in taps or t in taps]
+            if wanted == []:
+                raise FeatxError(f"{train_path} has none of the taps {', '.join(taps)}; it has {', '.join(tr.taps)}.")
+            return sweep_features(tr, val, out, wanted, rows, val_fraction, seed, progress=progress)
         finally:
             if val is not None:
                 val.close()
