@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS settings (
     misses INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS made_weights (
+    made    TEXT PRIMARY KEY,   -- what makes a seeded random network: backbone, seed, torch and featx versions
+    sha256  TEXT NOT NULL       -- the digest of the parameters it makes (weights_sha256)
+);
 """
 
 
@@ -159,6 +163,14 @@ class FeatureCache:
     def register(self, setting: str, description: dict) -> None:
         self._waiting(self._db.execute, "INSERT OR IGNORE INTO settings(setting, description, created) "
                       "VALUES (?, ?, ?)", (setting, json.dumps(description, sort_keys=True), time.time()))
+
+    def made_weights(self, made: str) -> str | None:
+        """The parameter digest recorded for a seeded random network (``made``: what makes it)."""
+        row = self._db.execute("SELECT sha256 FROM made_weights WHERE made = ?", (made,)).fetchone()
+        return row[0] if row else None
+
+    def remember_weights(self, made: str, sha256: str) -> None:
+        self._waiting(self._db.execute, "INSERT OR REPLACE INTO made_weights VALUES (?, ?)", (made, sha256))
 
     def has(self, images: list[str], setting: str) -> set[str]:
         """Which of ``images`` have a vector for ``setting`` (nothing read, nothing recorded)."""

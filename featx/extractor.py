@@ -11,7 +11,9 @@ exception: they are made at once).
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 import torchvision
 
 from featx import registry
+from featx.cache import FeatureCache
 from featx.cache import default_location as default_cache_location
 from featx.decode import DEFAULT_MAX_PIXELS
 from featx.device import autocast_dtype, resolve_device
@@ -30,7 +33,7 @@ from featx.graph import COMPILE_MODES, CompiledTaps, compile_taps, should_compil
 from featx.preprocess import Normalizer, Preprocess
 from featx.setting import FeatureSetting
 from featx.sources import Source, source_fingerprint
-from featx.store import make_header
+from featx.store import featx_version, make_header
 from featx.taps import TapRecorder, check_pool, map_sizes, widths
 from featx.weights import identify, load_backbone, preprocess_for, resolve_weights, skeleton_for
 
@@ -63,6 +66,37 @@ class ExtractConfig:
     cache: str | None = "auto"  # feature cache: auto ($FEATX_CACHE or cache/features/), a folder, or None
     compile: str = "auto"  # auto (when compiling pays: graph.should_compile) | on | off
     small_maps: str = "refuse"  # a gridK tap whose map is smaller than KxK: refuse | skip (sweep: leave it out)
+
+
+def _recall(folder: Path | None, made: str) -> str | None:
+    """The digest of a seeded random network recorded in the feature cache, if any."""
+    if folder is None or not (folder / "index.sqlite").is_file():
+        return None
+    cache = FeatureCache.open(folder, create=False)
+    if cache is None:
+        return None
+    try:
+        return cache.made_weights(made)
+    except sqlite3.Error as e:
+        warnings.warn(f"the feature cache at {folder} cannot say which random weights it knows ({e}); making them.",
+                      stacklevel=3)
+        return None
+    finally:
+        cache.close()
+
+
+def _remember(folder: Path | None, made: str, sha256: str) -> None:
+    if folder is None:
+        return
+    cache = FeatureCache.open(folder)
+    if cache is None:
+        return
+    try:
+        cache.remember_weights(made, sha256)
+    except sqlite3.Error as e:  # it only costs the next run a build
+        warnings.warn(f"the feature cache at {folder} cannot record the random weights' digest ({e}).", stacklevel=3)
+    finally:
+        cache.close()
 
 
 def cache_folder(config: ExtractConfig) -> Path | None:
@@ -99,10 +133,15 @@ class FeatureExtractor:
         self.nhwc = registry.family_of(c.backbone).nhwc
         self._model: torch.nn.Module | None = None
         self.weights = identify(c.backbone, resolve_weights(c.backbone, c.weights, c.seed))
-        if self.weights.id == "none":  # identified by the parameters it makes: made now
-            shapes = self.model
-        else:
-            shapes = skeleton_for(c.backbone, self.weights)
+        self._made = None  # random weights: what makes them, and the digest the feature cache recorded
+        if self.weights.id == "none":  # identified by the parameters it makes: made now, unless recorded
+            self._made = json.dumps([c.backbone, self.weights.seed, str(torch.__version__), featx_version()])
+            recorded = _recall(cache_folder(c), self._made)
+            if recorded:
+                self.weights = replace(self.weights, sha256=recorded)
+            else:
+                _ = self.model
+        shapes = self._model if self._model is not None else skeleton_for(c.backbone, self.weights)
         if c.preprocessing:
             self.pre = Preprocess.from_json(c.preprocessing)
         else:
@@ -129,7 +168,13 @@ class FeatureExtractor:
     def model(self) -> torch.nn.Module:
         """The network with its weights, on the device, frozen (built on first use)."""
         if self._model is None:
-            model, self.weights = load_backbone(self.config.backbone, self.weights)
+            model, made = load_backbone(self.config.backbone, self.weights)
+            if self._made is not None:  # random weights: the digest of what was made, recorded for next time
+                if self.weights.sha256 and made.sha256 != self.weights.sha256:
+                    raise FeatxError(f"the feature cache at {cache_folder(self.config)} records other random "
+                                     f"weights for {self._made}; remove that folder (its vectors are suspect).")
+                _remember(cache_folder(self.config), self._made, made.sha256)
+            self.weights = made
             for p in model.parameters():
                 p.requires_grad_(False)
             model = model.to(self.device)

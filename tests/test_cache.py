@@ -29,10 +29,10 @@ def photos(tmp_path):
     return root
 
 
-def run(photos, out, **kw):
+def run(photos, out, weights="none", **kw):
     kw.setdefault("layers", ("features.6",))
     kw.setdefault("pools", ("grid2",))
-    return extract(folder_source(photos), out, small_config(**kw), overwrite=True)
+    return extract(folder_source(photos), out, small_config(weights, **kw), overwrite=True)
 
 
 def rows(path) -> dict[str, np.ndarray]:
@@ -248,3 +248,25 @@ def test_processes_opening_a_new_cache_at_once_all_get_it(tmp_path):
     with mp.get_context("fork").Pool(4) as pool:
         results = [r for k in range(10) for r in pool.map(_open_cache, [str(tmp_path / str(k))] * 4)]
     assert results == ["ok"] * 40
+
+
+@pytest.mark.parametrize("weights", ["none", "file"])
+def test_a_rerun_whose_every_row_is_cached_builds_no_network(photos, tmp_path, monkeypatch, weights, weights_file):
+    """Issue 19, item 7: the weights are known by their digest (a file's sha256; for random
+    weights, the digest the cache recorded when it made them) and the tap widths by the
+    meta-device skeleton, so answering from the cache needs no network and no forward pass."""
+    from featx import extractor
+
+    w = str(weights_file) if weights == "file" else "none"
+    first = run(photos, tmp_path / "a.h5", weights=w)
+    assert first.cache_hits == 0
+
+    def no_network(*a, **k):
+        raise AssertionError("built the network")
+
+    monkeypatch.setattr(extractor, "load_backbone", no_network)
+    again = run(photos, tmp_path / "b.h5", weights=w)
+    assert again.cache_hits == 14 and again.n_rows == 14
+    assert_same(again.out, first.out)
+    with FeatureStore(again.out) as fs:
+        assert fs.attrs["weights_sha256"] == FeatureStore(first.out).attrs["weights_sha256"]
