@@ -213,24 +213,31 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output.")
 def backbones(name, as_json):
     """List the backbones (default tap, feature dimension, local weights), or one backbone's layers."""
-    from featx import registry
-    from featx.taps import describe
-    from featx.weights import local_weights
+    from featx import zoo
 
+    table = zoo.table()
+    if table is None:  # made for another torchvision: measured now, on meta-device skeletons (about a minute)
+        _say(f"featx's table of backbones is not for torchvision {zoo.torchvision_version()}: measuring them "
+             "(scripts/make_backbone_table.py remakes the table).")
+        models = _live_backbones([name] if name else None)
+    else:
+        models = table["models"]
     if name:
-        model = registry.skeleton(name)
-        blocks = registry.blocks_of(name, model)
-        fam = registry.family_of(name)
-        click.echo(f"{name}: default tap {registry.default_tap(name, model)}")
+        if name not in models:
+            from featx.registry import check_backbone
+
+            check_backbone(name)  # the sentence for an unknown name
+        m = models[name]
+        click.echo(f"{name}: default tap {m['default_tap']} ({m['dim']} features)")
         click.echo("blocks (input side first; `finetune --unfreeze N` trains the last N):")
-        for i, b in enumerate(blocks):
-            click.echo(f"  {i:2d} {b.tap}")
-        if fam.aliases:
-            click.echo("aliases: " + ", ".join(f"{k}={v}" for k, v in fam.aliases.items()))
-        click.echo("every named module can be tapped with --layer; e.g. " +
-                   ", ".join(n for n, _ in list(model.named_modules())[1:6]))
+        for i, b in enumerate(m["blocks"]):
+            click.echo(f"  {i:2d} {b}")
+        if m["aliases"]:
+            click.echo("aliases: " + ", ".join(f"{k}={v}" for k, v in m["aliases"].items()))
+        click.echo("every named module can be tapped with --layer; e.g. " + ", ".join(m["modules"]))
         return
-    rows = [{**describe(n), "weights_local": local_weights(n)} for n in registry.available_backbones()]
+    rows = [{"name": n, "default_tap": m["default_tap"], "dim": m["dim"], "weights_local": zoo.local(m["weights"])}
+            for n, m in sorted(models.items())]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -239,6 +246,25 @@ def backbones(name, as_json):
         dim = str(r["dim"]) if r["dim"] else "?"
         local = ", ".join(r["weights_local"]) or "none (downloaded on first use)"
         click.echo(f"{r['name']:28s} {r['default_tap']:34s} {dim:>6s}  {local}")
+
+
+def _live_backbones(names: list[str] | None) -> dict:
+    """The table's rows measured now from the registry (for a torchvision featx has no table of)."""
+    import os
+
+    from featx import registry
+    from featx.taps import describe
+    from featx.weights import weights_enum
+
+    out = {}
+    for n in names or registry.available_backbones():
+        model = registry.skeleton(n)
+        info = describe(n)
+        out[n] = {"default_tap": info["default_tap"], "dim": info["dim"],
+                  "blocks": [b.tap for b in registry.blocks_of(n, model)], "aliases": registry.family_of(n).aliases,
+                  "modules": [m for m, _ in list(model.named_modules())[1:6]],
+                  "weights": {e.name: os.path.basename(e.url) for e in weights_enum(n) or ()}}
+    return out
 
 
 @main.command()

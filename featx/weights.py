@@ -66,11 +66,6 @@ def cached_file(entry) -> Path:
     return hub_checkpoint_dir() / os.path.basename(entry.url)
 
 
-def local_weights(name: str) -> list[str]:
-    """Names of the ImageNet weights of ``name`` already in the torch hub cache."""
-    return [e.name for e in weights_enum(name) or () if cached_file(e).exists()]
-
-
 def sha256_of(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
