@@ -140,6 +140,8 @@ def extract(source: Source, out: str | os.PathLike, config: ExtractConfig, overw
             cache = None
             if config.cache and mine:
                 cache = FeatureCache.open(cache_folder(config))
+                if cache is not None:
+                    extractor.remember_weights(cache)
             try:
                 failed, hits = _run_units(source, extractor, writer, mine, cache, bar)
             finally:

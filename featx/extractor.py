@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +30,8 @@ from featx.decode import DEFAULT_MAX_PIXELS
 from featx.device import autocast_dtype, resolve_device
 from featx.distributed import World
 from featx.errors import FeatxError, root_cause
-from featx.graph import COMPILE_MODES, CompiledTaps, compile_taps, should_compile, should_freeze
+from featx.graph import (AUTO_PROBE_BATCHES, COMPILE_MODES, CompiledTaps, CompileRecord, compile_taps, should_freeze,
+                         worth_compiling)
 from featx.preprocess import Normalizer, Preprocess
 from featx.setting import FeatureSetting
 from featx.sources import Source, source_fingerprint
@@ -64,7 +66,7 @@ class ExtractConfig:
     preprocessing: str | None = None  # a Preprocess as JSON: replaces the weights' own (predict)
     seed: int = 0  # initialisation of random weights (weights="none")
     cache: str | None = "auto"  # feature cache: auto ($FEATX_CACHE or cache/features/), a folder, or None
-    compile: str = "auto"  # auto (when compiling pays: graph.should_compile) | on | off
+    compile: str = "auto"  # auto (measured on the first batches: graph.worth_compiling) | on | off
     small_maps: str = "refuse"  # a gridK tap whose map is smaller than KxK: refuse | skip (sweep: leave it out)
 
 
@@ -81,20 +83,6 @@ def _recall(folder: Path | None, made: str) -> str | None:
         warnings.warn(f"the feature cache at {folder} cannot say which random weights it knows ({e}); making them.",
                       stacklevel=3)
         return None
-    finally:
-        cache.close()
-
-
-def _remember(folder: Path | None, made: str, sha256: str) -> None:
-    if folder is None:
-        return
-    cache = FeatureCache.open(folder)
-    if cache is None:
-        return
-    try:
-        cache.remember_weights(made, sha256)
-    except sqlite3.Error as e:  # it only costs the next run a build
-        warnings.warn(f"the feature cache at {folder} cannot record the random weights' digest ({e}).", stacklevel=3)
     finally:
         cache.close()
 
@@ -163,17 +151,16 @@ class FeatureExtractor:
             torch_version=str(torch.__version__), max_pixels=int(c.max_pixels))
         self.compiled: CompiledTaps | None = None
         self._compile_decided = False
+        self._todo: int | None = None  # images the job sends through the network (prepare)
 
     @property
     def model(self) -> torch.nn.Module:
         """The network with its weights, on the device, frozen (built on first use)."""
         if self._model is None:
             model, made = load_backbone(self.config.backbone, self.weights)
-            if self._made is not None:  # random weights: the digest of what was made, recorded for next time
-                if self.weights.sha256 and made.sha256 != self.weights.sha256:
-                    raise FeatxError(f"the feature cache at {cache_folder(self.config)} records other random "
-                                     f"weights for {self._made}; remove that folder (its vectors are suspect).")
-                _remember(cache_folder(self.config), self._made, made.sha256)
+            if self._made is not None and self.weights.sha256 and made.sha256 != self.weights.sha256:
+                raise FeatxError(f"the feature cache at {cache_folder(self.config)} records other random "
+                                 f"weights for {self._made}; remove that folder (its vectors are suspect).")
             self.weights = made
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -182,6 +169,17 @@ class FeatureExtractor:
                 model = model.to(memory_format=torch.channels_last)
             self._model = model.eval()
         return self._model
+
+    def remember_weights(self, cache: FeatureCache) -> None:
+        """Random weights: record in the feature cache the digest of the network made, so a
+        later run answered by the cache needs no network to know its weights."""
+        if self._made is None or self._model is None:
+            return
+        try:
+            cache.remember_weights(self._made, self.weights.sha256)
+        except sqlite3.Error as e:  # it only costs a later run a build
+            warnings.warn(f"the feature cache at {cache.root} cannot record the random weights' digest ({e}).",
+                          stacklevel=2)
 
     def _fit_grids(self, shapes: torch.nn.Module) -> dict[str, tuple]:
         """Refuse (or, with ``small_maps="skip"``, leave out) gridK taps whose map is smaller
@@ -205,18 +203,49 @@ class FeatureExtractor:
         return small
 
     def prepare(self, n_images: int) -> None:
-        """Compile the tap-cut graph when ``config.compile`` says so for ``n_images`` images
-        (once; a failure leaves the eager path, with one warning).  Inductor keeps the
-        compiled code in ``<feature cache>/inductor`` (nowhere of featx's without a cache)."""
-        if self._compile_decided or not should_compile(self.config.compile, self.device, n_images):
-            return
+        """Before ``n_images`` images go through the network: ``--compile on`` compiles the
+        tap-cut graph now; ``auto`` lets the first batches run eagerly, measures them, and
+        compiles for the images left when that pays (:func:`featx.graph.worth_compiling`).
+        A failure leaves the eager path, with one warning.  Inductor keeps the compiled code
+        in ``<feature cache>/inductor`` (nowhere of featx's without a cache), and
+        ``featx-compiled.json`` there what compiling each graph cost."""
+        self._todo, self._seen, self._probe = n_images, 0, []
+        if self.config.compile == "on" and not self._compile_decided:
+            self._compile(n_images)
+
+    def _compile(self, n_images: int) -> None:
         self._compile_decided = True
         folder = cache_folder(self.config)
+        freeze = should_freeze(self.config.backbone, self.pre.crop, n_images)
+        key, record = self._graph_key(freeze), CompileRecord(folder / "inductor" if folder else None)
         example = self.normalize(torch.zeros(1, 3, self.pre.crop, self.pre.crop, dtype=torch.uint8))
         with torch.inference_mode(), self._autocast():
             self.compiled = compile_taps(self.model, self.taps, self.nhwc, self.config.batch_size, example,
-                                         freeze=should_freeze(self.config.backbone, self.pre.crop, n_images),
-                                         cache_dir=folder / "inductor" if folder else None)
+                                         freeze=freeze, cache_dir=folder / "inductor" if folder else None)
+        if self.compiled is not None:
+            record.note(key, self.compiled.compile_seconds)
+
+    def _graph_key(self, freeze: bool) -> str:
+        """What decides the compiled graph (inductor compiles it again when any of it changes)."""
+        return json.dumps([self.config.backbone, sorted(self.taps.items()), self.pre.crop, self.config.batch_size,
+                           freeze, self.setting.precision, self.config.channels_last, self.device.type,
+                           str(torch.__version__)])
+
+    def _observe(self, seconds: float) -> None:
+        """``--compile auto``: time the first eager batches, then decide for the rest."""
+        self._seen += 1
+        self._probe.append(seconds)
+        if len(self._probe) < AUTO_PROBE_BATCHES:
+            return
+        self._compile_decided = True
+        per_image = min(self._probe[1:] or self._probe) / self.config.batch_size  # the first one warms up
+        left = self._todo - self._seen * self.config.batch_size
+        folder = cache_folder(self.config)
+        freeze = should_freeze(self.config.backbone, self.pre.crop, left)
+        cost = CompileRecord(folder / "inductor" if folder else None).estimate(self._graph_key(freeze), self.device,
+                                                                                freeze)
+        if left > 0 and worth_compiling(per_image, left, cost):
+            self._compile(left)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
@@ -234,6 +263,8 @@ class FeatureExtractor:
         n = x.shape[0]
         if n < self.config.batch_size:
             x = torch.cat([x, x.new_zeros((self.config.batch_size - n, *x.shape[1:]))])
+        probing = self.config.compile == "auto" and not self._compile_decided and self._todo is not None
+        t0 = time.perf_counter()
         with torch.inference_mode():
             x = self.normalize(x)
             with self._autocast():
@@ -241,7 +272,10 @@ class FeatureExtractor:
                 if out is None:
                     with TapRecorder(self.model, wanted, self.nhwc) as rec:
                         out = rec.run(x)
-            return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
+            out = {k: v[:n].float().cpu().numpy() for k, v in out.items()}  # on the CPU: the work is done
+        if probing and n == self.config.batch_size and taps is None:  # a full batch of every tap: representative
+            self._observe(time.perf_counter() - t0)
+        return out
 
     def _compiled(self, x: torch.Tensor, wanted: dict) -> dict | None:
         """The compiled graph's taps (it computes all of them); None, with one warning, and

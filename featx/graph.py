@@ -20,6 +20,7 @@ charge, after one warning line.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import warnings
@@ -29,14 +30,22 @@ import torch
 from torch import nn
 
 from featx import registry
-from featx.errors import root_cause
+from featx.errors import FeatxError, root_cause
+from featx.files import write_text
 from featx.taps import pool
 
 COMPILE_MODES = ("auto", "on", "off")
-# `--compile auto` compiles when this process has at least this many images to compute:
-# below it the compile time (8-15 s for mobilenet_v2 on 2 CPU cores the first time, a
-# few seconds from inductor's cache) is not paid back (BENCHMARKS.md).
-AUTO_MIN_IMAGES = {"cpu": 1000, "cuda": 5000}
+# `--compile auto` in extraction: the network runs eagerly for AUTO_PROBE_BATCHES batches,
+# which measures what an image costs on this machine, and then compiles for the images left
+# if the time the compiled graph saves on them (at COMPILED_SPEEDUP, below the 1.7x measured
+# for mobilenet_v2 and resnet50 on 2 CPU cores) exceeds COMPILE_MARGIN times what compiling
+# costs: the time recorded for this graph before (CompileRecord), or for a graph never
+# compiled with this cache, COLD_COMPILE_S (8-16 s measured for mobilenet_v2 on 2 cores).
+AUTO_PROBE_BATCHES = 2
+COMPILED_SPEEDUP = 1.5
+COMPILE_MARGIN = 1.25
+COLD_COMPILE_S = {"cpu": 20.0, "cuda": 45.0}
+RECORD = "featx-compiled.json"
 # Jobs of at least this much forward work (GFLOP: images x the model's GFLOP per image) are
 # also frozen: it costs ~4 s more compile time on every run, and saves 5-25 % of the forward
 # time (3,000 GFLOP: ~10,000 mobilenet_v2 or ~730 resnet50 images at 224 px).
@@ -160,10 +169,57 @@ def should_freeze(backbone: str, crop: int, n_images: int) -> bool:
     return per_image is not None and n_images * per_image >= FREEZE_MIN_GFLOP
 
 
-def should_compile(mode: str, device: torch.device, n_images: int, thresholds: dict = AUTO_MIN_IMAGES) -> bool:
-    """``on``, ``off``, or ``auto``: when there are enough images to pay for the compile."""
+def should_compile(mode: str, device: torch.device, n_images: int, thresholds: dict = AUTO_MIN_TRAIN_IMAGES) -> bool:
+    """Fine-tuning: ``on``, ``off``, or ``auto``: when the run trains on enough images."""
     if mode == "on":
         return True
     if mode == "off":
         return False
     return n_images >= thresholds.get(device.type, thresholds["cuda"])
+
+
+def worth_compiling(seconds_per_image: float, n_images: int, compile_seconds: float) -> bool:
+    """``--compile auto`` in extraction: whether compiling for ``n_images`` more images pays,
+    an image costing ``seconds_per_image`` eagerly and compiling ``compile_seconds``."""
+    saved = n_images * seconds_per_image * (1 - 1 / COMPILED_SPEEDUP)
+    return saved > COMPILE_MARGIN * compile_seconds
+
+
+class CompileRecord:
+    """The graphs compiled before with one inductor cache, and what compiling them cost:
+    ``featx-compiled.json`` beside inductor's cache (None: no record, every graph cold)."""
+
+    def __init__(self, folder: Path | None):
+        self.path = Path(folder) / RECORD if folder else None
+
+    def _read(self) -> dict:
+        if self.path is None:
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # none yet, or damaged: every graph counts as new
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def estimate(self, key: str, device: torch.device, freeze: bool) -> float:
+        """What compiling this graph will cost: its last warm compile; after only a cold one, a
+        quarter of that (a half when frozen: inductor does not cache frozen graphs whole);
+        a graph never compiled here: COLD_COMPILE_S."""
+        entry = self._read().get(key) or {}
+        if "warm_s" in entry:
+            return float(entry["warm_s"])
+        if "cold_s" in entry:
+            return float(entry["cold_s"]) * (0.5 if freeze else 0.25)
+        return COLD_COMPILE_S.get(device.type, COLD_COMPILE_S["cuda"])
+
+    def note(self, key: str, seconds: float) -> None:
+        """Record a compile (the first of a graph is its cold one)."""
+        if self.path is None:
+            return
+        data = self._read()
+        entry = data.setdefault(key, {})
+        entry["warm_s" if "cold_s" in entry else "cold_s"] = round(seconds, 2)
+        try:
+            write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
+        except FeatxError as e:  # a record that cannot be written only makes the next estimate cold
+            warnings.warn(f"{e}", stacklevel=2)

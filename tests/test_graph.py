@@ -127,10 +127,38 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
     assert ex(photos(2, 32))["features"].shape == (2, 1280)
 
 
-def test_auto_compiles_only_jobs_large_enough():
+def test_auto_compiles_when_the_measured_time_pays_for_the_compile(tmp_path):
+    from featx.graph import COLD_COMPILE_S, CompileRecord, worth_compiling
+
     cpu = torch.device("cpu")
-    assert not should_compile("auto", cpu, 100) and should_compile("auto", cpu, 50_000)
+    # 0.02 s an image: 1,000 images save 1,000 x 0.02 x (1 - 1/1.5) = 6.7 s: not worth a 20 s cold compile
+    assert not worth_compiling(0.02, 1000, COLD_COMPILE_S["cpu"]) and worth_compiling(0.02, 10_000, 20.0)
+    assert worth_compiling(0.02, 1000, 2.0)  # ... but worth a warm one
+    record = CompileRecord(tmp_path)
+    assert record.estimate("g", cpu, freeze=False) == COLD_COMPILE_S["cpu"]  # never compiled here
+    record.note("g", 16.0)
+    assert record.estimate("g", cpu, freeze=False) == 4.0 and record.estimate("g", cpu, freeze=True) == 8.0
+    record.note("g", 2.5)
+    assert CompileRecord(tmp_path).estimate("g", cpu, freeze=False) == 2.5 and CompileRecord(None).estimate(
+        "g", cpu, False) == COLD_COMPILE_S["cpu"]
+    # fine-tuning keeps its threshold of training images
+    assert not should_compile("auto", cpu, 100) and should_compile("auto", cpu, 500_000)
     assert should_compile("on", cpu, 1) and not should_compile("off", cpu, 10**9)
+
+
+@needs_compiler
+@pytest.mark.parametrize("cold, compiles", [(1e-6, True), (1e9, False)])
+def test_auto_measures_the_first_batches_then_decides(image_tree, monkeypatch, cold, compiles):
+    from featx import graph
+
+    monkeypatch.setitem(graph.COLD_COMPILE_S, "cpu", cold)
+    ex = FeatureExtractor(small_config(compile="auto", cache=None))
+    ex.prepare(4 * 5)
+    x = photos(4, 32)
+    eager = [ex(x) for _ in range(5)]
+    assert (ex.compiled is not None) == compiles
+    if compiles:  # the first two batches ran eagerly; the rest through the graph, the same features
+        assert all(v > 0.9999 for v in cosines(eager[0], eager[-1]).values())
 
 
 def test_an_unknown_compile_mode_is_one_sentence(run_cli, tmp_path):
