@@ -273,7 +273,7 @@ class FeatureExtractor:
                     with TapRecorder(self.model, wanted, self.nhwc) as rec:
                         out = rec.run(x)
             out = {k: v[:n].float().cpu().numpy() for k, v in out.items()}  # on the CPU: the work is done
-        if probing and n == self.config.batch_size and taps is None:  # a full batch of every tap: representative
+        if probing and n == self.config.batch_size and len(wanted) == len(self.taps):  # a full batch, every tap
             self._observe(time.perf_counter() - t0)
         return out
 

@@ -148,17 +148,20 @@ def test_auto_compiles_when_the_measured_time_pays_for_the_compile(tmp_path):
 
 @needs_compiler
 @pytest.mark.parametrize("cold, compiles", [(1e-6, True), (1e9, False)])
-def test_auto_measures_the_first_batches_then_decides(image_tree, monkeypatch, cold, compiles):
+def test_auto_measures_the_first_batches_then_decides(image_tree, tmp_path, monkeypatch, cold, compiles):
+    """Through extract(), as a user runs it: the runner asks the extractor for the taps it
+    misses, and that request must be measured too (it was not: auto never compiled)."""
     from featx import graph
+    from featx.extract import extract
+    from featx.sources import folder_source
 
     monkeypatch.setitem(graph.COLD_COMPILE_S, "cpu", cold)
-    ex = FeatureExtractor(small_config(compile="auto", cache=None))
-    ex.prepare(4 * 5)
-    x = photos(4, 32)
-    eager = [ex(x) for _ in range(5)]
-    assert (ex.compiled is not None) == compiles
-    if compiles:  # the first two batches ran eagerly; the rest through the graph, the same features
-        assert all(v > 0.9999 for v in cosines(eager[0], eager[-1]).values())
+    source = folder_source(image_tree, "train")  # 12 images, 6 batches: 2 measured eagerly, 4 left
+    auto = extract(source, tmp_path / "auto.h5", small_config(batch_size=2, compile="auto", cache=None))
+    off = extract(source, tmp_path / "off.h5", small_config(batch_size=2, compile="off", cache=None))
+    assert auto.compiled == compiles and not off.compiled
+    with FeatureStore(tmp_path / "auto.h5") as a, FeatureStore(tmp_path / "off.h5") as b:
+        assert cosines({"f": a.features()}, {"f": b.features()})["f"] > 0.9999
 
 
 def test_an_unknown_compile_mode_is_one_sentence(run_cli, tmp_path):

@@ -43,6 +43,18 @@ def test_finetune_and_extract_leave_the_global_generators_alone(image_tree, tmp_
     assert first["history"][0]["train_loss"] == second["history"][0]["train_loss"]
 
 
+def test_extract_leaves_the_callers_config_as_it_was(image_tree, tmp_path):
+    """extract() filled in the batch size (and the device) on the config it was given."""
+    from dataclasses import asdict
+
+    from featx.extract import extract
+
+    config = small_config(batch_size=None, device="auto", cache=None, compile="off")
+    before = asdict(config)
+    result = extract(folder_source(image_tree, "val"), tmp_path / "f.h5", config)
+    assert result.n_rows > 0 and asdict(config) == before and config.batch_size is None
+
+
 def test_importing_featx_changes_no_pillow_setting_and_truncated_files_still_fail(tmp_path):
     code = ("from PIL import ImageFile; ImageFile.LOAD_TRUNCATED_IMAGES = True; import featx.decode; "
             "print(ImageFile.LOAD_TRUNCATED_IMAGES)")
