@@ -37,10 +37,10 @@ from featx.taps import pool
 COMPILE_MODES = ("auto", "on", "off")
 # `--compile auto` in extraction: the network runs eagerly for AUTO_PROBE_BATCHES batches,
 # which measures what an image costs on this machine, and then compiles for the images left
-# if the time the compiled graph saves on them (at COMPILED_SPEEDUP, below the 1.7x measured
+# if the time the compiled graph saves on them (at COMPILED_SPEEDUP, below the 1.6-1.8x measured
 # for mobilenet_v2 and resnet50 on 2 CPU cores) exceeds COMPILE_MARGIN times what compiling
 # costs: the time recorded for this graph before (CompileRecord), or for a graph never
-# compiled with this cache, COLD_COMPILE_S (8-16 s measured for mobilenet_v2 on 2 cores).
+# compiled with this cache, COLD_COMPILE_S (8-27 s measured for mobilenet_v2 on 2 cores, by machine).
 AUTO_PROBE_BATCHES = 2
 COMPILED_SPEEDUP = 1.5
 COMPILE_MARGIN = 1.25

@@ -1,25 +1,35 @@
-"""Benchmark `featx extract` against its limits and against the tutorial loop.
+"""Benchmark `featx extract`: against the forward pass alone, against the tutorial loop, and
+`--compile auto` against `--compile off` over job sizes, cold and warm.
 
-On the same JPEG files (640x480 photos made from scikit-learn's two sample photographs,
-randomly cropped, flipped and re-encoded), for each backbone at 224 px, in one run:
+Every figure is the median of ``--repeats`` runs, each in a fresh process (so no run
+inherits another's compiled code, allocator or caches), on the same JPEG files (640x480
+photos made from scikit-learn's two sample photographs, randomly cropped, flipped and
+re-encoded), 224 px input, random weights (speed does not depend on the values), no
+vectors from the feature cache:
 
-* eager bare    -- PyTorch's eager forward pass alone on decoded, normalised tensors,
-                   with featx's batch size and memory layout;
-* compiled bare -- the same through featx's compiled tap-cut graph (the new limit);
-* featx         -- `featx.extract.extract` end to end, with --compile auto and off;
+* eager bare    -- PyTorch's eager forward pass alone on decoded tensors (featx's batch
+                   size and channels-last layout), 512 images (or all when fewer);
+* compiled bare -- the same through featx's compiled tap-cut graph, compiled before the
+                   clock starts (the compile is timed on its own, from an empty inductor cache);
+* featx         -- `featx extract` as a command, end to end (Python and torch start-up,
+                   model, compile, decoding in workers, shards, the HDF5 file);
 * naive         -- what the tutorials write: ImageFolder + weights.transforms(), a DataLoader
                    without workers, float32, torch.no_grad, default layout;
-* decoding      -- decoding + resizing alone (one process), by method;
-* the split of the cores between torch threads and decoding workers.
+* job sizes     -- mobilenet_v2, 300 / 1,200 / 5,000 images: `--compile off`, `--compile auto`
+                   with an empty inductor cache (a first run) and with the graph compiled
+                   before (a later run).
 
-Backbones use random weights (speed does not depend on the values).
-
-    python scripts/bench_extract.py [--n 2000] [--backbones mobilenet_v2 resnet50]
+    python scripts/bench_extract.py [--repeats 3] [--n 2000] [--n-resnet 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +38,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine, update_section  # noqa: E402
+from benchlib import ROOT, machine, update_section  # noqa: E402
+
+FEATX = [str(ROOT / ".venv" / "bin" / "featx")] if (ROOT / ".venv" / "bin" / "featx").exists() else ["featx"]
 
 
 def make_jpegs(root: Path, n: int, size: tuple[int, int] = (640, 480), start: int = 0, seed: int = 0) -> Path:
@@ -47,220 +59,225 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int] = (640, 480), start: in
         img = Image.fromarray(a[y:y + h, x:x + w]).resize(size)
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        d = root / ("a" if i % 2 else "b")
-        d.mkdir(parents=True, exist_ok=True)
-        img.save(d / f"{i:06d}.jpg", quality=90)
+        folder = root / ("china" if i % 2 == 0 else "flower")
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"{i:06d}.jpg", quality=90)
     return root
 
 
-def rate(n: int, seconds: float) -> float:
-    return n / seconds
+def listing(data: Path, n: int, path: Path) -> Path:
+    """A CSV list of the first ``n`` photos (a job of that size)."""
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.jpg"))[:n]
+    path.write_text("\n".join(f"{data / f},{f.split('/')[0]}" for f in files) + "\n")
+    return path
 
 
-def bench(backbone: str, data: Path, out_dir: Path, n: int) -> dict:
-    import torch
-    import torchvision
-
-    from featx.decode import Decoded
-    from featx.extract import extract
-    from featx.extractor import ExtractConfig, FeatureExtractor
-    from featx.sources import folder_source
-
-    res = {}
-    src = folder_source(data)
-    ex = FeatureExtractor(ExtractConfig(backbone=backbone, weights="none", compile="off"))
-    ds = Decoded(src, ex.pre)
-    x_all = torch.stack([ds[i][0] for i in range(min(len(ds), 512))])
-    b = ex.config.batch_size
-
-    def bare(fn) -> float:
-        fn(x_all[:b])  # warm-up
-        t = time.perf_counter()
-        for s in range(0, len(x_all), b):
-            fn(x_all[s:s + b])
-        return rate(len(x_all), time.perf_counter() - t)
-
-    # bare forward passes on decoded tensors, featx's batch size and layout: eager, and the
-    # compiled tap-cut graph (compiled before the clock starts)
-    res["bare"] = bare(ex)
-    cx = FeatureExtractor(ExtractConfig(backbone=backbone, weights="none", compile="on"))
+BARE = """
+import json, sys, time, torch
+from featx.decode import Decoded
+from featx.extractor import ExtractConfig, FeatureExtractor
+from featx.sources import folder_source
+backbone, data, freeze, inductor = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
+src = folder_source(data)
+ex = FeatureExtractor(ExtractConfig(backbone=backbone, weights="none", compile="off", cache=None))
+ds = Decoded(src, ex.pre)
+x = torch.stack([ds[i][0] for i in range(min(512, len(ds)))])
+b = ex.config.batch_size
+def rate(fn):
+    fn(x[:b])  # warm-up
     t = time.perf_counter()
-    cx.prepare(n)
-    res["compile_s"] = time.perf_counter() - t
-    res["compiled_bare"] = bare(cx)
-    res["bare_again"] = bare(ex)  # this machine's speed drifts: eager measured before and after
+    for s in range(0, len(x), b):
+        fn(x[s:s + b])
+    return len(x) / (time.perf_counter() - t)
+eager = rate(ex)
+from featx.graph import compile_taps
+from pathlib import Path
+t = time.perf_counter()
+example = ex.normalize(torch.zeros(1, 3, ex.pre.crop, ex.pre.crop, dtype=torch.uint8))
+with torch.inference_mode():
+    ex.compiled = compile_taps(ex.model, ex.taps, ex.nhwc, b, example, freeze=freeze, cache_dir=Path(inductor))
+compile_s = time.perf_counter() - t
+print(json.dumps({"eager": eager, "compiled": rate(ex), "compile_s": compile_s}))
+"""
 
-    # featx end to end (model load, compile, decoding in workers, shards, the HDF5 file),
-    # without the feature cache, with --compile auto (it compiles: n >= its threshold) and off
+NAIVE = """
+import json, sys, time, torch, torchvision
+backbone, data = sys.argv[1], sys.argv[2]
+weights = torchvision.models.get_model_weights(backbone).DEFAULT
+model = torchvision.models.get_model(backbone, weights=None).eval()
+loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(data, transform=weights.transforms()),
+                                     batch_size=32)
+n, t = 0, time.perf_counter()
+with torch.no_grad():
+    for x, _ in loader:
+        model(x)
+        n += len(x)
+print(json.dumps({"naive": n / (time.perf_counter() - t)}))
+"""
+
+
+def child(code: str, *args) -> dict:
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "TQDM_DISABLE": "1"})
+    if p.returncode:
+        raise SystemExit(p.stderr[-3000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def command(args: list, cache: Path) -> tuple[float, str]:
+    """`featx extract ...` in a fresh process with the feature cache (and inductor's) in
+    ``cache``: its wall time and its summary line."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "FEATX_CACHE": str(cache)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    t = time.perf_counter()
+    p = subprocess.run(FEATX + ["extract", *map(str, args)], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if p.returncode:
+        raise SystemExit(p.stderr[-3000:])
+    return wall, p.stdout.strip().splitlines()[-1]
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def bench_backbone(backbone: str, data: Path, n: int, tmp: Path, repeats: int) -> dict:
+    from featx.graph import should_freeze
+
+    freeze = should_freeze(backbone, 224, n)
+    bare = [child(BARE, backbone, data, int(freeze), tmp / f"inductor-{backbone}-{k}") for k in range(repeats)]
+    res = {"eager": median([b["eager"] for b in bare]), "compiled": median([b["compiled"] for b in bare]),
+           "compile_s": median([b["compile_s"] for b in bare]), "frozen": freeze}
+    warm = tmp / f"warm-{backbone}"  # a cache whose inductor part holds the job's graph, copied for each run
+    command([data, "--backbone", backbone, "--weights", "none", "--compile", "on", "--out", tmp / "prime.h5",
+             "--overwrite"], warm)
     for mode in ("auto", "off"):
-        t = time.perf_counter()
-        extract(src, out_dir / f"{backbone}-{mode}.h5", ExtractConfig(backbone=backbone, weights="none", cache=None,
-                                                                   compile=mode), overwrite=True)
-        res[f"featx_{mode}"] = rate(n, time.perf_counter() - t)
-
-    # the tutorial loop
-    weights = torchvision.models.get_model_weights(backbone).DEFAULT
-    model = torchvision.models.get_model(backbone, weights=None).eval()
-    loader = torch.utils.data.DataLoader(
-        torchvision.datasets.ImageFolder(str(data), transform=weights.transforms()), batch_size=b)
-    t = time.perf_counter()
-    with torch.no_grad():
-        for x, _ in loader:
-            model(x)
-    res["naive"] = rate(n, time.perf_counter() - t)
+        walls = []
+        for k in range(repeats):
+            cache = tmp / f"c-{backbone}-{mode}-{k}"
+            shutil.copytree(warm / "inductor", cache / "inductor")  # a later run: the graph compiled before
+            walls.append(command([data, "--backbone", backbone, "--weights", "none", "--compile", mode,
+                                  "--out", tmp / "o.h5", "--overwrite"], cache)[0])
+        res[f"featx_{mode}"] = n / median(walls)
+    res["naive"] = median([child(NAIVE, backbone, data)["naive"] for _ in range(repeats)])
     return res
 
 
-def decoding(data: Path, n: int = 300) -> dict:
-    """Decode + resize + centre crop to 224 px, one process with one thread (as a DataLoader
-    worker), by each method, on ``data``'s first ``n`` JPEGs."""
-    import torch
-    from PIL import Image
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-    from torchvision.transforms.v2 import functional as TF
-
-    from featx.decode import Decoded
-    from featx.preprocess import Preprocess
-    from featx.sources import Subset, folder_source
-
-    src = Subset(folder_source(data), range(n))
-    files = [data / i for i in src.ids]
-
-    def pillow(f, tensor_resize: bool):
-        img = Image.open(f)
-        img.draft("RGB", (256, 256))
-        img = img.convert("RGB")
-        if tensor_resize:
-            return TF.center_crop(TF.resize(TF.pil_to_tensor(img), 256, antialias=True), 224)
-        return TF.pil_to_tensor(TF.center_crop(TF.resize(img, 256, antialias=True), 224))
-
-    methods = {
-        "Pillow decode (draft), Pillow resize (featx before)": lambda i: pillow(files[i], False),
-        "Pillow decode (draft), resize on uint8 tensors": lambda i: pillow(files[i], True),
-        "torchvision decode_jpeg, resize on uint8 tensors": lambda i: TF.center_crop(TF.resize(
-            decode_jpeg(read_file(str(files[i])), mode=ImageReadMode.RGB), 256, antialias=True), 224),
-        "featx now (decode.Decoded)": Decoded(src, Preprocess(256, 224, (0.5,) * 3, (0.5,) * 3)).__getitem__,
-    }
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = {}
-    for name, fn in methods.items():
-        t = time.perf_counter()
-        for i in range(len(files)):
-            fn(i)
-        out[name] = rate(len(files), time.perf_counter() - t)
-    torch.set_num_threads(threads)
-    return out
-
-
-def threads_and_workers(data: Path, out_dir: Path, n: int) -> list[tuple[int, int, float]]:
-    """featx end to end (compiled mobilenet_v2) with each split of the 2 cores."""
-    import torch
-
-    from featx.extract import ExtractConfig, extract
-    from featx.sources import folder_source
-
+def job_sizes(data: Path, tmp: Path, repeats: int, sizes=(300, 1200, 5000)) -> list[dict]:
+    warm = tmp / "warm-sizes"
+    command([listing(data, 64, tmp / "prime.csv"), "--backbone", "mobilenet_v2", "--weights", "none",
+             "--compile", "on", "--out", tmp / "prime.h5", "--overwrite"], warm)
     rows = []
-    for threads, workers in ((2, 1), (2, 2), (1, 1), (1, 2)):
-        torch.set_num_threads(threads)
-        t = time.perf_counter()
-        extract(folder_source(data), out_dir / "tw.h5", ExtractConfig(
-            backbone="mobilenet_v2", weights="none", cache=None, compile="on", workers=workers), overwrite=True)
-        rows.append((threads, workers, rate(n, time.perf_counter() - t)))
-    torch.set_num_threads(2)
+    for n in sizes:
+        job = listing(data, n, tmp / f"job{n}.csv")
+        row = {"n": n}
+        for how in ("off", "auto cold", "auto warm"):
+            walls, compiled = [], []
+            for k in range(repeats):
+                cache = tmp / f"s-{n}-{how.replace(' ', '-')}-{k}"
+                if how == "auto warm":
+                    shutil.copytree(warm / "inductor", cache / "inductor")
+                wall, summary = command([job, "--backbone", "mobilenet_v2", "--weights", "none", "--compile",
+                                         how.split()[0], "--out", tmp / "o.h5", "--overwrite"], cache)
+                walls.append(wall)
+                compiled.append("compiled" in summary)
+            row[how] = median(walls)
+            row[how + " compiled"] = sum(compiled)
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 
+RESULTS = ROOT / "cache" / "bench_extract.json"  # each part's last figures, for a run of the other part
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "resnet50"])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n", type=int, default=2000, help="photos for mobilenet_v2")
+    ap.add_argument("--n-resnet", type=int, default=1000, help="photos for resnet50")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[300, 1200, 5000])
+    ap.add_argument("--parts", nargs="+", choices=("backbones", "sizes"), default=["backbones", "sizes"],
+                    help="what to measure; the other part's figures come from its last run (%(prog)s keeps "
+                         "them in cache/bench_extract.json)")
     a = ap.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        data = make_jpegs(Path(tmp) / "jpegs", a.n)
-        dec = decoding(data)
-        big = decoding(make_jpegs(Path(tmp) / "big", 60, size=(2400, 1800)), 60)
-        print(dec, big, flush=True)
-        for bk in a.backbones:
-            r = bench(bk, data, Path(tmp), a.n)
-            print(bk, {k: round(v, 1) for k, v in r.items()}, flush=True)
-            rows.append((bk, r))
-        tw = threads_and_workers(data, Path(tmp), a.n)
-        print(tw, flush=True)
-    render(a.n, rows, dec, big, tw)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
+        tmp = Path(tmp)
+        photos = make_jpegs(tmp / "photos", max([*a.sizes, a.n, a.n_resnet]))
+        if "backbones" in a.parts:
+            t0, rows = time.perf_counter(), []
+            for backbone, n in (("mobilenet_v2", a.n), ("resnet50", a.n_resnet)):
+                data = tmp / f"data-{backbone}"
+                for f in sorted(photos.rglob("*.jpg"))[:n]:
+                    (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+                    os.link(f, data / f.parent.name / f.name)
+                r = bench_backbone(backbone, data, n, tmp, a.repeats)
+                print(backbone, {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+                rows.append((backbone, n, r))
+            results["backbones"] = {"rows": rows, "repeats": a.repeats, "seconds": time.perf_counter() - t0}
+        if "sizes" in a.parts:
+            t0 = time.perf_counter()
+            rows = job_sizes(photos, tmp, a.repeats, tuple(a.sizes))
+            results["sizes"] = {"rows": rows, "repeats": a.repeats, "seconds": time.perf_counter() - t0}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    if {"backbones", "sizes"} <= results.keys():
+        render(results["backbones"], results["sizes"])
+    else:
+        print(f"{RESULTS} lacks a part; run the other one to write BENCHMARKS.md")
 
 
-def render(n: int, rows: list, dec: dict, big: dict, tw: list) -> None:
-    """Write the BENCHMARKS.md section from the measured figures."""
-    from featx.graph import should_freeze
+def took(part: dict) -> str:
+    runs = "one run" if part["repeats"] == 1 else f"median of {part['repeats']} runs, each in a fresh process"
+    return f"{runs}; this part took {part['seconds'] / 60:.0f} min" if part.get("seconds") else runs
 
-    lines = ["| backbone | eager bare | compiled bare (new limit) | featx, `--compile auto` | featx / eager bare "
-             "| featx / compiled bare | featx, `--compile off` | naive loop | featx / naive | first compile |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for bk, r in rows:
-        eager = (r["bare"] + r["bare_again"]) / 2
-        frozen = " (frozen)" if should_freeze(bk, 224, n) else ""
-        lines.append(f"| {bk} | {eager:.1f} | {r['compiled_bare']:.1f}{frozen} | {r['featx_auto']:.1f} | "
-                     f"{r['featx_auto'] / eager:.2f} | {r['featx_auto'] / r['compiled_bare']:.2f} | "
-                     f"{r['featx_off']:.1f} | {r['naive']:.1f} | {r['featx_auto'] / r['naive']:.2f} | "
-                     f"{r['compile_s']:.0f} s |")
-    dec_rows = "\n".join(f"| {k} | {v:.0f} | {big[k]:.0f} |" for k, v in dec.items())
-    tw_rows = "\n".join(f"| {t} | {w} | {v:.1f} |" for t, w, v in tw)
-    mn = dict(rows).get("mobilenet_v2")
-    default_tw = {(t, w): v for t, w, v in tw}.get((2, 2))
-    gap = ""
-    if mn and default_tw:
-        fixed = n / mn["featx_auto"] - n / default_tw
-        gap = (f"Where the distance to compiled bare goes (mobilenet_v2): with the graph already compiled in the "
-               f"process (the last table's default row, 2 threads and 2 workers) featx runs at {default_tw:.1f} "
-               f"images/s, {default_tw / mn['compiled_bare']:.2f} of compiled bare: decoding in the workers costs "
-               f"the forward pass almost nothing once libjpeg-turbo decodes. The rest, {fixed:.1f} s of the "
-               f"{n / mn['featx_auto']:.1f} s run, is fixed cost: building the model, tracing and compiling the "
-               f"graph (from inductor's cache) and the file. It shrinks relative to the run as the job grows.")
+
+def render(backbones: dict, sizes_part: dict) -> None:
+    """Write the BENCHMARKS.md section from the measured figures only."""
+    rows, sizes, repeats = backbones["rows"], sizes_part["rows"], sizes_part["repeats"]
+    lines = ["| backbone | photos | eager bare | compiled bare | first compile | featx `--compile auto` | "
+             "featx `--compile off` | naive loop | auto / eager bare | auto / off | auto / naive |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for bk, n, r in rows:
+        frozen = " (frozen)" if r["frozen"] else ""
+        lines.append(f"| {bk} | {n:,} | {r['eager']:.1f} | {r['compiled']:.1f}{frozen} | {r['compile_s']:.0f} s | "
+                     f"{r['featx_auto']:.1f} | {r['featx_off']:.1f} | {r['naive']:.1f} | "
+                     f"{r['featx_auto'] / r['eager']:.2f} | {r['featx_auto'] / r['featx_off']:.2f} | "
+                     f"{r['featx_auto'] / r['naive']:.2f} |")
+    size_lines = ["| photos | `--compile off` | `auto`, first run | / off | compiled | `auto`, later run | / off | "
+                  "compiled |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in sizes:
+        size_lines.append(
+            f"| {s['n']:,} | {s['off']:.1f} s | {s['auto cold']:.1f} s | {s['auto cold'] / s['off']:.2f} | "
+            f"{s['auto cold compiled']} of {repeats} | {s['auto warm']:.1f} s | {s['auto warm'] / s['off']:.2f} | "
+            f"{s['auto warm compiled']} of {repeats} |")
+    worst = max(max(s["auto cold"], s["auto warm"]) / s["off"] for s in sizes)
     update_section("bench_extract", f"""
 ## `featx extract` throughput (scripts/bench_extract.py)
 
-{n:,} JPEG photos of 640x480, 224 px input, random weights, images/s, one run, no feature
-cache. Machine: {machine()}.
+JPEG photos of 640x480, 224 px input, random weights, no vectors from the feature cache.
+Machine: {machine()}.
+
+Images/s ({took(backbones)}):
 
 {chr(10).join(lines)}
 
-*eager bare*: PyTorch's eager forward pass alone on decoded tensors (featx's batch size and
-channels-last layout; the mean of a pass before and one after the compiled measurement, as
-this machine's speed drifts). *compiled bare*: the same through featx's compiled tap-cut
-graph (torchvision's FX feature extractor cut after the tap, pooling inside, BatchNorm
-folded into the convolutions, `torch.compile` with inductor; frozen when the job has at
-least 3,000 GFLOP of forward work, as featx decides), compiled before the clock starts:
-the new limit. *first compile*: that compile, the first of this graph for the inductor
-cache (a later graph of the run reuses the kernels it shares with an earlier one). *featx*:
-`extract()` end to end in the same process: model loading, compiling (in the `--compile
-auto` column, from inductor's on-disk cache that the first compile filled), decoding in
-DataLoader workers, shards and the HDF5 file. *naive*: ImageFolder +
-`weights.transforms()`, DataLoader without workers, float32, `torch.no_grad`, default
-layout. In some runs featx `--compile off` beats *eager bare* for resnet50 (the bare
-figure is only 512 images, 16 batches); featx compiled against featx eager is the ratio
-that does not depend on it.
+*eager bare*, *compiled bare*: the forward pass alone on 512 decoded tensors (all of them when fewer), eager and
+through featx's compiled tap-cut graph (frozen where featx freezes a job of that size);
+*first compile*: compiling that graph with an empty inductor cache. *featx*: `featx extract
+DIR --backbone B --weights none --compile MODE` as a command, Python and torch start-up
+included, with the graph compiled before (inductor's cache and featx's record of it copied
+in: a later run). *naive*: ImageFolder + `weights.transforms()`, a DataLoader without
+workers, float32, `torch.no_grad`, default layout.
 
-{gap}
+`--compile auto` over job sizes (mobilenet_v2, whole command, seconds; "compiled": in how
+many of the runs auto chose to compile). A first run has an empty inductor cache; a later
+run finds the graph compiled before (by a run of 64 other photos); {took(sizes_part)}:
 
-Decoding + resizing + centre crop to 224 px, one process with one thread (as in a
-DataLoader worker), images/s, on 640x480 photos and on 60 camera-size photos (2400x1800):
+{chr(10).join(size_lines)}
 
-| method | 640x480 | 2400x1800 |
-|---|---:|---:|
-{dec_rows}
-
-featx decodes ordinary JPEGs with torchvision's libjpeg-turbo and resizes uint8 tensors;
-for large JPEGs Pillow's reduced-scale (draft) decoding wins, and featx takes it there.
-
-featx end to end, compiled mobilenet_v2 (already compiled in this process: no compile
-time), by the split of the 2 cores between the forward pass (torch threads) and decoding
-(DataLoader workers; featx's default on 2 cores: 2 and 2):
-
-| torch threads | decode workers | images/s |
-|---:|---:|---:|
-{tw_rows}
+The slowest `auto` median against `off`'s here: {worst:.2f}x (the goal: at most 1.05x at any size).
 """)
 
 
