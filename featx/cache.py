@@ -20,7 +20,6 @@ goes on without it and computes every vector.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil

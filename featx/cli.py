@@ -250,7 +250,6 @@ def backbones(name, as_json):
 
 def _live_backbones(names: list[str] | None) -> dict:
     """The table's rows measured now from the registry (for a torchvision featx has no table of)."""
-    import os
 
     from featx import registry
     from featx.taps import describe

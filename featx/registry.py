@@ -12,7 +12,6 @@ last ``nn.Linear`` and their blocks are the top-level children.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
