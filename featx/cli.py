@@ -98,6 +98,9 @@ class FeatxGroup(click.Group):
             return super().invoke(ctx)
         except FeatxError as e:
             _fail(e)
+        except BrokenPipeError:  # the reader left (`featx backbones | head`): stop quietly, as a pipe's writer does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            sys.exit(141)  # 128 + SIGPIPE, what the shell reports for a writer a pipe stopped
         except OSError as e:
             from featx.files import os_error
 

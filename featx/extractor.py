@@ -209,21 +209,27 @@ class FeatureExtractor:
         A failure leaves the eager path, with one warning.  Inductor keeps the compiled code
         in ``<feature cache>/inductor`` (nowhere of featx's without a cache), and
         ``featx-compiled.json`` there what compiling each graph cost."""
-        self._todo, self._seen, self._probe = n_images, 0, []
+        self._todo, self._probe = n_images, []
         if self.config.compile == "on" and not self._compile_decided:
             self._compile(n_images)
 
-    def _compile(self, n_images: int) -> None:
+    def _compile(self, n_images: int, freeze: bool | None = None) -> None:
+        """Compile the tap-cut graph for ``n_images`` images (frozen or not as
+        :func:`featx.graph.should_freeze` says for them, unless ``freeze`` is given)."""
         self._compile_decided = True
-        folder = cache_folder(self.config)
-        freeze = should_freeze(self.config.backbone, self.pre.crop, n_images)
-        key, record = self._graph_key(freeze), CompileRecord(folder / "inductor" if folder else None)
+        inductor = self._inductor_folder()
+        if freeze is None:
+            freeze = should_freeze(self.config.backbone, self.pre.crop, n_images)
         example = self.normalize(torch.zeros(1, 3, self.pre.crop, self.pre.crop, dtype=torch.uint8))
         with torch.inference_mode(), self._autocast():
             self.compiled = compile_taps(self.model, self.taps, self.nhwc, self.config.batch_size, example,
-                                         freeze=freeze, cache_dir=folder / "inductor" if folder else None)
+                                         freeze=freeze, cache_dir=inductor)
         if self.compiled is not None:
-            record.note(key, self.compiled.compile_seconds)
+            CompileRecord(inductor).note(self._graph_key(freeze), self.compiled.compile_seconds)
+
+    def _inductor_folder(self) -> Path | None:
+        folder = cache_folder(self.config)
+        return folder / "inductor" if folder else None
 
     def _graph_key(self, freeze: bool) -> str:
         """What decides the compiled graph (inductor compiles it again when any of it changes)."""
@@ -233,19 +239,16 @@ class FeatureExtractor:
 
     def _observe(self, seconds: float) -> None:
         """``--compile auto``: time the first eager batches, then decide for the rest."""
-        self._seen += 1
         self._probe.append(seconds)
         if len(self._probe) < AUTO_PROBE_BATCHES:
             return
         self._compile_decided = True
         per_image = min(self._probe[1:] or self._probe) / self.config.batch_size  # the first one warms up
-        left = self._todo - self._seen * self.config.batch_size
-        folder = cache_folder(self.config)
+        left = self._todo - len(self._probe) * self.config.batch_size
         freeze = should_freeze(self.config.backbone, self.pre.crop, left)
-        cost = CompileRecord(folder / "inductor" if folder else None).estimate(self._graph_key(freeze), self.device,
-                                                                                freeze)
+        cost = CompileRecord(self._inductor_folder()).estimate(self._graph_key(freeze), self.device, freeze)
         if left > 0 and worth_compiling(per_image, left, cost):
-            self._compile(left)
+            self._compile(left, freeze)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)

@@ -192,14 +192,23 @@ class CompileRecord:
     def __init__(self, folder: Path | None):
         self.path = Path(folder) / RECORD if folder else None
 
-    def _read(self) -> dict:
+    def _read(self, warn: bool = True) -> dict:
+        """The record; empty (every graph counts as new) when there is none yet or it cannot
+        be read, with one warning (``warn``) when it exists but is unreadable or damaged."""
         if self.path is None:
             return {}
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, ValueError):  # none yet, or damaged: every graph counts as new
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
             return {}
-        return data if isinstance(data, dict) else {}
+        except (OSError, ValueError) as e:
+            if warn:
+                warnings.warn(f"cannot read {self.path} ({root_cause(e)}); counting every graph as never "
+                              "compiled (the next compile writes it anew).", stacklevel=3)
+            return {}
+        return data
 
     def estimate(self, key: str, device: torch.device, freeze: bool) -> float:
         """What compiling this graph will cost: its last warm compile; after only a cold one, a
@@ -216,7 +225,7 @@ class CompileRecord:
         """Record a compile (the first of a graph is its cold one)."""
         if self.path is None:
             return
-        data = self._read()
+        data = self._read(warn=False)  # a damaged record was reported by estimate(); this replaces it
         entry = data.setdefault(key, {})
         entry["warm_s" if "cold_s" in entry else "cold_s"] = round(seconds, 2)
         try:

@@ -73,3 +73,19 @@ def test_bad_option_values_are_one_sentence(image_tree, tmp_path, run_cli):
     assert r.exit_code == 2 and "--memory-budget 'lots' is not a size" in r.stderr
     r = run_cli("predict", tmp_path / "nope.skops", image_tree, "--out", tmp_path / "p.csv")
     assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+def test_a_reader_that_leaves_stops_the_listing_quietly():
+    """`featx backbones | head -1`: the pipe closes under the writer, which stops without a word."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    try:
+        p = subprocess.run([sys.executable, "-m", "featx", "backbones"], stdout=write, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert p.returncode == 141 and p.stderr == ""

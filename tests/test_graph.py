@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +146,45 @@ def test_auto_compiles_when_the_measured_time_pays_for_the_compile(tmp_path):
     # fine-tuning keeps its threshold of training images
     assert not should_compile("auto", cpu, 100) and should_compile("auto", cpu, 500_000)
     assert should_compile("on", cpu, 1) and not should_compile("off", cpu, 10**9)
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_a_damaged_compile_record_warns_counts_as_cold_and_is_replaced(tmp_path, damage):
+    from featx.graph import COLD_COMPILE_S, RECORD, CompileRecord
+
+    cpu = torch.device("cpu")
+    (tmp_path / RECORD).write_bytes(damage)
+    record = CompileRecord(tmp_path)
+    with pytest.warns(UserWarning, match="counting every graph as never compiled"):
+        assert record.estimate("g", cpu, freeze=False) == COLD_COMPILE_S["cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        record.note("g", 16.0)  # the next compile writes a sound record in its place
+        assert CompileRecord(tmp_path).estimate("g", cpu, freeze=False) == 4.0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_compile_record_warns_and_the_next_estimate_is_cold(tmp_path):
+    from featx.graph import COLD_COMPILE_S, CompileRecord
+
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.warns(UserWarning):
+            CompileRecord(tmp_path).note("g", 16.0)
+        assert CompileRecord(tmp_path).estimate("g", torch.device("cpu"), freeze=False) == COLD_COMPILE_S["cpu"]
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_a_compile_record_where_a_folder_cannot_be_made_warns(tmp_path):
+    """What root meets too: the record's folder is a file."""
+    from featx.graph import COLD_COMPILE_S, CompileRecord
+
+    (tmp_path / "inductor").write_text("a file, not a folder")
+    with pytest.warns(UserWarning):
+        CompileRecord(tmp_path / "inductor").note("g", 16.0)
+    with pytest.warns(UserWarning, match="Not a directory"):
+        assert CompileRecord(tmp_path / "inductor").estimate("g", torch.device("cpu"), False) == COLD_COMPILE_S["cpu"]
 
 
 @needs_compiler
