@@ -17,9 +17,13 @@ vectors from the feature cache:
                    without workers, float32, torch.no_grad, default layout;
 * job sizes     -- mobilenet_v2, 300 / 1,200 / 5,000 images: `--compile off`, `--compile auto`
                    with an empty inductor cache (a first run) and with the graph compiled
-                   before (a later run).
+                   before (a later run);
+* decoding      -- decode + resize + centre crop to 224 px by each method, one process with
+                   one thread (as a DataLoader worker), on 640x480 and on camera-size photos;
+* cores         -- `featx extract` (mobilenet_v2, graph compiled before) by the split of the
+                   cores between torch threads (the forward pass) and decoding workers.
 
-    python scripts/bench_extract.py [--repeats 3] [--n 2000] [--n-resnet 1000]
+    python scripts/bench_extract.py [--repeats 3] [--n 2000] [--n-resnet 1000] [--parts ...]
 """
 
 from __future__ import annotations
@@ -124,10 +128,10 @@ def child(code: str, *args) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def command(args: list, cache: Path) -> tuple[float, str]:
+def command(args: list, cache: Path, env: dict | None = None) -> tuple[float, str]:
     """`featx extract ...` in a fresh process with the feature cache (and inductor's) in
-    ``cache``: its wall time and its summary line."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "FEATX_CACHE": str(cache)}
+    ``cache`` (and ``env`` added): its wall time and its summary line."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "FEATX_CACHE": str(cache), **(env or {})}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     t = time.perf_counter()
     p = subprocess.run(FEATX + ["extract", *map(str, args)], capture_output=True, text=True, env=env)
@@ -188,7 +192,85 @@ def job_sizes(data: Path, tmp: Path, repeats: int, sizes=(300, 1200, 5000)) -> l
     return rows
 
 
-RESULTS = ROOT / "cache" / "bench_extract.json"  # each part's last figures, for a run of the other part
+DECODING = """
+import json, sys, time, torch
+from pathlib import Path
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms.v2 import functional as TF
+from featx.decode import Decoded
+from featx.preprocess import Preprocess
+from featx.sources import folder_source
+torch.set_num_threads(1)  # as in a DataLoader worker
+data = Path(sys.argv[1])
+src = folder_source(data)
+files = [data / i for i in src.ids]
+def pillow(f, tensor_resize):
+    img = Image.open(f)
+    img.draft("RGB", (256, 256))
+    img = img.convert("RGB")
+    if tensor_resize:
+        return TF.center_crop(TF.resize(TF.pil_to_tensor(img), 256, antialias=True), 224)
+    return TF.pil_to_tensor(TF.center_crop(TF.resize(img, 256, antialias=True), 224))
+featx = Decoded(src, Preprocess(256, 224, (0.5,) * 3, (0.5,) * 3))
+methods = {
+    "Pillow decode (draft), Pillow resize": lambda i: pillow(files[i], False),
+    "Pillow decode (draft), resize on uint8 tensors": lambda i: pillow(files[i], True),
+    "torchvision decode_jpeg, resize on uint8 tensors": lambda i: TF.center_crop(TF.resize(
+        decode_jpeg(read_file(str(files[i])), mode=ImageReadMode.RGB), 256, antialias=True), 224),
+    "featx (decode.Decoded)": featx.__getitem__,
+}
+out = {}
+for name, fn in methods.items():
+    fn(0)  # warm-up
+    t = time.perf_counter()
+    for i in range(len(files)):
+        fn(i)
+    out[name] = len(files) / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def decoding(photos: Path, tmp: Path, repeats: int) -> dict:
+    """Images/s of each decoding method on 300 of the 640x480 photos and on 60 camera-size
+    (2400x1800) ones."""
+    small = tmp / "decode-small"
+    for f in sorted(photos.rglob("*.jpg"))[:300]:
+        (small / f.parent.name).mkdir(parents=True, exist_ok=True)
+        os.link(f, small / f.parent.name / f.name)
+    big = make_jpegs(tmp / "decode-big", 60, size=(2400, 1800))
+    out = {}
+    for label, data in (("640x480", small), ("2400x1800", big)):
+        runs = [child(DECODING, data) for _ in range(repeats)]
+        out[label] = {method: median([r[method] for r in runs]) for method in runs[0]}
+    return out
+
+
+def cores(data: Path, n: int, tmp: Path, repeats: int) -> list[dict]:
+    """`featx extract` of ``n`` photos (mobilenet_v2, graph compiled before) by torch threads
+    x decoding workers."""
+    job = listing(data, n, tmp / f"cores{n}.csv")
+    warm = tmp / "warm-cores"
+    command([listing(data, 64, tmp / "prime.csv"), "--backbone", "mobilenet_v2", "--weights", "none",
+             "--compile", "on", "--out", tmp / "prime.h5", "--overwrite"], warm)
+    total = os.cpu_count() or 2
+    rows = []
+    for threads, workers in sorted({(total, total // 2 or 1), (total, total), (total // 2 or 1, total // 2 or 1),
+                                    (total // 2 or 1, total)}, reverse=True):
+        walls = []
+        for k in range(repeats):
+            cache = tmp / f"cores-{threads}-{workers}-{k}"
+            shutil.copytree(warm / "inductor", cache / "inductor")
+            walls.append(command([job, "--backbone", "mobilenet_v2", "--weights", "none", "--compile", "on",
+                                  "--workers", workers, "--out", tmp / "o.h5", "--overwrite"], cache,
+                                 {"OMP_NUM_THREADS": str(threads)})[0])
+        rows.append({"threads": threads, "workers": workers, "n": n, "seconds": median(walls)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+RESULTS = ROOT / "cache" / "bench_extract.json"  # each part's last figures, for a run of the other parts
+PARTS = ("backbones", "sizes", "decoding", "cores")
 
 
 def main() -> None:
@@ -197,14 +279,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="photos for mobilenet_v2")
     ap.add_argument("--n-resnet", type=int, default=1000, help="photos for resnet50")
     ap.add_argument("--sizes", type=int, nargs="+", default=[300, 1200, 5000])
-    ap.add_argument("--parts", nargs="+", choices=("backbones", "sizes"), default=["backbones", "sizes"],
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                     help="what to measure; the other part's figures come from its last run (%(prog)s keeps "
                          "them in cache/bench_extract.json)")
     a = ap.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
         tmp = Path(tmp)
-        photos = make_jpegs(tmp / "photos", max([*a.sizes, a.n, a.n_resnet]))
+        needed = {"backbones": [a.n, a.n_resnet], "sizes": a.sizes, "decoding": [300], "cores": [a.n]}
+        photos = make_jpegs(tmp / "photos", max(n for part in a.parts for n in needed[part]))
         if "backbones" in a.parts:
             t0, rows = time.perf_counter(), []
             for backbone, n in (("mobilenet_v2", a.n), ("resnet50", a.n_resnet)):
@@ -220,12 +303,22 @@ def main() -> None:
             t0 = time.perf_counter()
             rows = job_sizes(photos, tmp, a.repeats, tuple(a.sizes))
             results["sizes"] = {"rows": rows, "repeats": a.repeats, "seconds": time.perf_counter() - t0}
+        if "decoding" in a.parts:
+            t0 = time.perf_counter()
+            rows = decoding(photos, tmp, a.repeats)
+            print(rows, flush=True)
+            results["decoding"] = {"rows": rows, "repeats": a.repeats, "seconds": time.perf_counter() - t0}
+        if "cores" in a.parts:
+            t0 = time.perf_counter()
+            rows = cores(photos, a.n, tmp, a.repeats)
+            results["cores"] = {"rows": rows, "repeats": a.repeats, "seconds": time.perf_counter() - t0}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
-    if {"backbones", "sizes"} <= results.keys():
-        render(results["backbones"], results["sizes"])
+    missing = [part for part in PARTS if part not in results]
+    if missing:
+        print(f"{RESULTS} lacks {', '.join(missing)}; measure it (--parts) to write BENCHMARKS.md")
     else:
-        print(f"{RESULTS} lacks a part; run the other one to write BENCHMARKS.md")
+        render(results)
 
 
 def took(part: dict) -> str:
@@ -233,8 +326,9 @@ def took(part: dict) -> str:
     return f"{runs}; this part took {part['seconds'] / 60:.0f} min" if part.get("seconds") else runs
 
 
-def render(backbones: dict, sizes_part: dict) -> None:
+def render(results: dict) -> None:
     """Write the BENCHMARKS.md section from the measured figures only."""
+    backbones, sizes_part = results["backbones"], results["sizes"]
     rows, sizes, repeats = backbones["rows"], sizes_part["rows"], sizes_part["repeats"]
     lines = ["| backbone | photos | eager bare | compiled bare | first compile | featx `--compile auto` | "
              "featx `--compile off` | naive loop | auto / eager bare | auto / off | auto / naive |",
@@ -253,6 +347,17 @@ def render(backbones: dict, sizes_part: dict) -> None:
             f"{s['auto cold compiled']} of {repeats} | {s['auto warm']:.1f} s | {s['auto warm'] / s['off']:.2f} | "
             f"{s['auto warm compiled']} of {repeats} |")
     worst = max(max(s["auto cold"], s["auto warm"]) / s["off"] for s in sizes)
+    dec = results["decoding"]["rows"]
+    base = {label: dec[label]["Pillow decode (draft), Pillow resize"] for label in dec}
+    dec_lines = ["| method | 640x480 | / Pillow | 2400x1800 | / Pillow |", "|---|---:|---:|---:|---:|"]
+    for method in dec["640x480"]:
+        small, big = dec["640x480"][method], dec["2400x1800"][method]
+        dec_lines.append(f"| {method} | {small:.0f} | {small / base['640x480']:.2f} | {big:.0f} | "
+                         f"{big / base['2400x1800']:.2f} |")
+    core_rows = results["cores"]["rows"]
+    core_lines = ["| torch threads | decoding workers | seconds | images/s |", "|---:|---:|---:|---:|"]
+    core_lines += [f"| {r['threads']} | {r['workers']} | {r['seconds']:.1f} | {r['n'] / r['seconds']:.1f} |"
+                   for r in core_rows]
     update_section("bench_extract", f"""
 ## `featx extract` throughput (scripts/bench_extract.py)
 
@@ -278,6 +383,20 @@ run finds the graph compiled before (by a run of 64 other photos); {took(sizes_p
 {chr(10).join(size_lines)}
 
 The slowest `auto` median against `off`'s here: {worst:.2f}x (the goal: at most 1.05x at any size).
+
+Decoding + resizing + centre crop to 224 px, one process with one thread (as in a
+DataLoader worker), images/s, on 300 of the 640x480 photos and on 60 camera-size photos
+(2400x1800); {took(results["decoding"])}. featx (`decode.Decoded`) decodes ordinary JPEGs
+with torchvision's libjpeg-turbo and resizes uint8 tensors, and decodes large JPEGs at
+reduced scale with Pillow:
+
+{chr(10).join(dec_lines)}
+
+`featx extract` of {core_rows[0]['n']:,} photos, mobilenet_v2, the graph compiled before, whole command, by the
+split of the cores between the forward pass (torch threads, `OMP_NUM_THREADS`) and decoding
+(`--workers`); featx's default: a thread and a worker per core; {took(results["cores"])}:
+
+{chr(10).join(core_lines)}
 """)
 
 

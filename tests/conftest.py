@@ -81,14 +81,18 @@ def write_store(path, X, y, classes, tap="features", backbone="mobilenet_v2", sh
 @pytest.fixture(scope="session", autouse=True)
 def session_feature_cache(tmp_path_factory):
     """Module- and session-scoped fixtures share one feature cache, never the repository's
-    cache/features/ (they are set up before any test's own cache below)."""
-    old = os.environ.get("FEATX_CACHE")
+    cache/features/ (they are set up before any test's own cache below).  Every test shares
+    one inductor cache too (featx respects a TORCHINDUCTOR_CACHE_DIR the user set): compiled
+    code does not depend on the test, and a cold compile per test doubled the suite's time."""
+    saved = {name: os.environ.get(name) for name in ("FEATX_CACHE", "TORCHINDUCTOR_CACHE_DIR")}
     os.environ["FEATX_CACHE"] = str(tmp_path_factory.mktemp("featx-cache-session"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor-session"))
     yield
-    if old is None:
-        os.environ.pop("FEATX_CACHE", None)
-    else:
-        os.environ["FEATX_CACHE"] = old
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)

@@ -232,14 +232,13 @@ def test_nothing_is_compiled_when_every_row_comes_from_the_cache(image_tree, tmp
 def test_inductor_keeps_its_compiled_code_in_the_feature_cache(image_tree, tmp_path, monkeypatch, feature_cache):
     """Inductor fixes its folder at its first use: setting TORCHINDUCTOR_CACHE_DIR just before
     compiling did nothing, and the code landed in the system's temporary folder."""
-    import os
-
     from torch._dynamo.utils import counters
 
     from featx.extract import extract
     from featx.sources import folder_source
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")  # conftest shares one for the session; a user has none
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     extract(folder_source(image_tree, "val"), tmp_path / "a.h5", small_config(compile="on"))
     graphs = feature_cache / "inductor" / "fxgraph"
