@@ -8,6 +8,7 @@ are imported inside the commands, so ``featx --help`` does not load torch.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -213,11 +214,25 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
 
 @main.command()
 @click.argument("name", required=False)
+@click.option("--source", type=click.Choice(["torchvision", "timm", "open_clip", "hf"]), default="torchvision",
+              show_default=True, help="whose models to list (timm, open_clip, hf: names only, no model built).")
+@click.option("--filter", "pattern", default=None, help="only names matching this shell pattern (e.g. '*dinov2*').")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output.")
-def backbones(name, as_json):
+def backbones(name, source, pattern, as_json):
     """List the backbones (default tap, feature dimension, local weights), or one backbone's layers."""
     from featx import zoo
 
+    if name and ":" in name:  # another source's model: measured now on its skeleton
+        from featx import adapters
+
+        _describe_backbone(name, adapters.summary(adapters.backbone(name)), as_json)
+        return
+    if source != "torchvision" and not name:
+        from featx import adapters
+
+        names = adapters.source(source).models(pattern)
+        click.echo(json.dumps(names, indent=1) if as_json else "\n".join(f"{source}:{n}" for n in names))
+        return
     table = zoo.table()
     if table is None:  # made for another torchvision: measured now, on meta-device skeletons (about a minute)
         _say(f"featx's table of backbones is not for torchvision {zoo.torchvision_version()}: measuring them "
@@ -227,20 +242,13 @@ def backbones(name, as_json):
         models = table["models"]
     if name:
         if name not in models:
-            from featx.registry import check_backbone
+            from featx.adapters import backbone
 
-            check_backbone(name)  # the sentence for an unknown name
-        m = models[name]
-        click.echo(f"{name}: default tap {m['default_tap']} ({m['dim']} features)")
-        click.echo("blocks (input side first; `finetune --unfreeze N` trains the last N):")
-        for i, b in enumerate(m["blocks"]):
-            click.echo(f"  {i:2d} {b}")
-        if m["aliases"]:
-            click.echo("aliases: " + ", ".join(f"{k}={v}" for k, v in m["aliases"].items()))
-        click.echo("every named module can be tapped with --layer; e.g. " + ", ".join(m["modules"]))
+            backbone(name)  # the sentence for an unknown name
+        _describe_backbone(name, models[name], as_json)
         return
     rows = [{"name": n, "default_tap": m["default_tap"], "dim": m["dim"], "weights_local": zoo.local(m["weights"])}
-            for n, m in sorted(models.items())]
+            for n, m in sorted(models.items()) if not pattern or fnmatch.fnmatch(n, pattern)]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -251,22 +259,26 @@ def backbones(name, as_json):
         click.echo(f"{r['name']:28s} {r['default_tap']:34s} {dim:>6s}  {local}")
 
 
+def _describe_backbone(name: str, m: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"name": name, **m}, indent=1))
+        return
+    click.echo(f"{name}: default tap {m['default_tap']} ({m['dim'] or '?'} features)")
+    click.echo("blocks (input side first; `finetune --unfreeze N` trains the last N):")
+    for i, b in enumerate(m["blocks"]):
+        click.echo(f"  {i:2d} {b}")
+    if m["aliases"]:
+        click.echo("aliases: " + ", ".join(f"{k}={v}" for k, v in m["aliases"].items()))
+    click.echo("every named module can be tapped with --layer; e.g. " + ", ".join(m["modules"]))
+
+
 def _live_backbones(names: list[str] | None) -> dict:
-    """The table's rows measured now from the registry (for a torchvision featx has no table of)."""
+    """The table's rows measured now through the torchvision adapter (for a torchvision featx
+    has no table of)."""
+    from featx import adapters
 
-    from featx import registry
-    from featx.taps import describe
-    from featx.weights import weights_enum
-
-    out = {}
-    for n in names or registry.available_backbones():
-        model = registry.skeleton(n)
-        info = describe(n)
-        out[n] = {"default_tap": info["default_tap"], "dim": info["dim"],
-                  "blocks": [b.tap for b in registry.blocks_of(n, model)], "aliases": registry.family_of(n).aliases,
-                  "modules": [m for m, _ in list(model.named_modules())[1:6]],
-                  "weights": {e.name: os.path.basename(e.url) for e in weights_enum(n) or ()}}
-    return out
+    tv = adapters.source("torchvision")
+    return {n: adapters.summary(tv.backbone(n)) for n in names or tv.models()}
 
 
 @main.command()
@@ -441,7 +453,7 @@ def evaluate(model, features, report_dir, allow_pickle):
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default="predictions.csv", show_default=True)
 @click.option("--sheet", type=click.Path(dir_okay=False), default=None, help="also draw a contact sheet PNG.")
-@click.option("--weights", default=None, help="the backbone weights file, if it moved since the features were made.")
+@click.option("--weights", default=None, help="the backbone weights (a file or folder), if they moved since the features were made.")
 @batch_option
 @workers_option
 @device_option

@@ -30,7 +30,7 @@ from featx.distributed import World, agree, barrier, broadcast, cpu_share, devic
 from featx.errors import FeatxError
 from featx.extractor import ExtractConfig, FeatureExtractor, cache_folder
 from featx.files import check_output, os_error
-from featx import registry
+from featx import adapters
 from featx.sources import Source, open_source
 from featx.store import FeatureStore, StoreWriter
 
@@ -165,7 +165,7 @@ def extract_data(data: str, out: str | os.PathLike, config: ExtractConfig, split
                  log=None) -> ExtractResult:
     """``featx extract DATA``: open DATA (a folder, a CSV/TSV list or ``torchvision:NAME``;
     split folders as every command reads them, said through ``log``) and :func:`extract` it."""
-    registry.check_backbone(config.backbone)  # before scanning a possibly large folder
+    adapters.backbone(config.backbone)  # checked before scanning a possibly large folder
     source = open_source(data, split=split, root=root)
     if source.note and log and from_env().is_main:
         log(source.note)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torchvision
 
-from featx import registry
+from featx import adapters
 from featx.cache import FeatureCache
 from featx.cache import default_location as default_cache_location
 from featx.decode import DEFAULT_MAX_PIXELS
@@ -37,7 +37,6 @@ from featx.setting import FeatureSetting
 from featx.sources import Source, source_fingerprint
 from featx.store import featx_version, make_header
 from featx.taps import TapRecorder, check_pool, map_sizes, widths
-from featx.weights import identify, load_backbone, preprocess_for, resolve_weights, skeleton_for
 
 SMALL_MAPS = ("refuse", "skip")
 
@@ -105,7 +104,7 @@ class FeatureExtractor:
     def __init__(self, config: ExtractConfig, world: World = World()):
         self.config = c = replace(config)
         self.world = world
-        registry.check_backbone(c.backbone)
+        self.backbone = bk = adapters.backbone(c.backbone)
         for p in c.pools:
             check_pool(p)
         if c.compile not in COMPILE_MODES:
@@ -118,9 +117,8 @@ class FeatureExtractor:
         if c.batch_size < 1:
             raise FeatxError(f"--batch-size {c.batch_size} must be at least 1.")
         self.amp = autocast_dtype(c.precision, self.device)
-        self.nhwc = registry.family_of(c.backbone).nhwc
         self._model: torch.nn.Module | None = None
-        self.weights = identify(c.backbone, resolve_weights(c.backbone, c.weights, c.seed))
+        self.weights = bk.identify(bk.resolve_weights(c.weights, c.seed))
         self._made = None  # random weights: what makes them, and the digest the feature cache recorded
         if self.weights.id == "none":  # identified by the parameters it makes: made now, unless recorded
             self._made = json.dumps([c.backbone, self.weights.seed, str(torch.__version__), featx_version()])
@@ -129,19 +127,26 @@ class FeatureExtractor:
                 self.weights = replace(self.weights, sha256=recorded)
             else:
                 _ = self.model
-        shapes = self._model if self._model is not None else skeleton_for(c.backbone, self.weights)
+        shapes = self._model if self._model is not None else bk.skeleton(self.weights)
+        self.layout = bk.layout(shapes)
         if c.preprocessing:
             self.pre = Preprocess.from_json(c.preprocessing)
         else:
-            self.pre = preprocess_for(c.backbone, self.weights, c.image_size, c.grayscale)
+            self.pre = adapters.preprocessing(bk, self.weights, c.image_size, c.grayscale)
             self.pre.jpeg_draft = c.jpeg_draft
-        layers = list(c.layers) or [registry.default_tap(c.backbone, shapes)]
-        self.layers = list(dict.fromkeys(registry.resolve_tap(c.backbone, shapes, layer) for layer in layers))
+        layers = list(c.layers) or [bk.default_tap(shapes)]
+        self.layers = list(dict.fromkeys(bk.resolve_tap(shapes, layer) for layer in layers))
         multi = len(c.pools) > 1
         self.taps = {(f"{layer}@{p}" if multi else layer): (layer, p) for layer in self.layers for p in c.pools}
         self.skipped = self._fit_grids(shapes)  # gridK taps on maps smaller than KxK, when small_maps="skip"
         self.default_tap = next(iter(self.taps))
-        self.dims = widths(shapes, self.taps, self.pre.crop, self.nhwc)  # before any image, from shapes only
+        try:  # before any image, from shapes only
+            self.dims = widths(shapes, self.taps, self.pre.crop, self.layout)
+        except FeatxError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a transformer made for one image size
+            raise FeatxError(f"backbone {c.backbone} cannot take {self.pre.crop}x{self.pre.crop} images "
+                             f"({root_cause(e)}); use another --image-size, or none (the backbone's own).") from None
         self.normalize = Normalizer(self.pre, self.device, c.channels_last)
         self.setting = FeatureSetting(
             backbone=c.backbone, weights_sha256=self.weights.sha256,
@@ -157,7 +162,7 @@ class FeatureExtractor:
     def model(self) -> torch.nn.Module:
         """The network with its weights, on the device, frozen (built on first use)."""
         if self._model is None:
-            model, made = load_backbone(self.config.backbone, self.weights)
+            model, made = self.backbone.load(self.weights)
             if self._made is not None and self.weights.sha256 and made.sha256 != self.weights.sha256:
                 raise FeatxError(f"the feature cache at {cache_folder(self.config)} records other random "
                                  f"weights for {self._made}; remove that folder (its vectors are suspect).")
@@ -188,7 +193,7 @@ class FeatureExtractor:
         if not grids:
             return {}
         blank = torch.zeros(1, 3, self.pre.crop, self.pre.crop, device=next(shapes.parameters()).device)
-        sizes = map_sizes(shapes, list(dict.fromkeys(layer for layer, _ in grids.values())), blank, self.nhwc)
+        sizes = map_sizes(shapes, list(dict.fromkeys(layer for layer, _ in grids.values())), blank, self.layout)
         small = {name: sizes[layer] for name, (layer, k) in grids.items() if k > min(sizes[layer])}
         if not small:
             return {}
@@ -222,7 +227,7 @@ class FeatureExtractor:
             freeze = should_freeze(self.config.backbone, self.pre.crop, n_images)
         example = self.normalize(torch.zeros(1, 3, self.pre.crop, self.pre.crop, dtype=torch.uint8))
         with torch.inference_mode(), self._autocast():
-            self.compiled = compile_taps(self.model, self.taps, self.nhwc, self.config.batch_size, example,
+            self.compiled = compile_taps(self.model, self.taps, self.layout, self.config.batch_size, example,
                                          freeze=freeze, cache_dir=inductor)
         if self.compiled is not None:
             CompileRecord(inductor).note(self._graph_key(freeze), self.compiled.compile_seconds)
@@ -273,7 +278,7 @@ class FeatureExtractor:
             with self._autocast():
                 out = self._compiled(x, wanted) if self.compiled is not None else None
                 if out is None:
-                    with TapRecorder(self.model, wanted, self.nhwc) as rec:
+                    with TapRecorder(self.model, wanted, self.layout) as rec:
                         out = rec.run(x)
             out = {k: v[:n].float().cpu().numpy() for k, v in out.items()}  # on the CPU: the work is done
         if probing and n == self.config.batch_size and len(wanted) == len(self.taps):  # a full batch, every tap
@@ -287,6 +292,7 @@ class FeatureExtractor:
             return {k: v for k, v in self.compiled(x).items() if k in wanted}
         except Exception as e:  # noqa: BLE001 - e.g. a recompile the compiler cannot do
             warnings.warn(f"the compiled network failed ({root_cause(e)}); running it eagerly.", stacklevel=3)
+            self.compiled.close()
             self.compiled = None
             return None
 

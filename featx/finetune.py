@@ -1,7 +1,7 @@
 """Fine-tuning: train a new head, and optionally the last N blocks, with augmentation.
 
 Strategies (``--unfreeze``): ``0`` trains only a new head on the frozen base; ``N`` also
-trains the last N blocks of the backbone (blocks as the registry defines them, see
+trains the last N blocks of the backbone (blocks as its adapter defines them, see
 ``featx backbones NAME``); ``all`` trains the whole network with a small backbone
 learning rate.  Parameters outside the head and the chosen blocks stay frozen, and the
 BatchNorm layers among them stay in eval mode so their running statistics do not drift
@@ -32,16 +32,16 @@ import torch
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from featx import plots, registry
+from featx import adapters, plots
 from featx.decode import Decoded, collate
 from featx.device import autocast_dtype, resolve_device
 from featx.errors import FeatxError, root_cause
 from featx.files import atomic_open, check_output
 from featx.graph import AUTO_MIN_TRAIN_IMAGES, COMPILE_MODES, should_compile
-from featx.heads import Head, apply_freeze, replace_head, train_mode, trainable_prefixes
+from featx.heads import Head, apply_freeze, train_mode, trainable_prefixes
 from featx.preprocess import Normalizer, Preprocess
 from featx.sources import Source, open_splits
-from featx.weights import load_backbone, preprocess_for, resolve_weights, save_finetuned, save_tensors
+from featx.weights import save_finetuned, save_tensors
 
 AUGMENTS = ("default", "light", "none")
 OPTIMIZERS = ("adamw", "sgd")
@@ -169,12 +169,13 @@ class Trainer:
         c = self.config = config
         self.train_src, self.val_src = train, val
         self.device = resolve_device(c.device)
-        model, weights = load_backbone(c.backbone, resolve_weights(c.backbone, c.weights, c.seed))
-        self.pre = preprocess_for(c.backbone, weights, c.image_size)
+        bk = adapters.backbone(c.backbone)
+        model, weights = bk.load(bk.resolve_weights(c.weights, c.seed))
+        self.pre = adapters.preprocessing(bk, weights, c.image_size)
         self.classes = list(train.classes)
         with seeded(c.seed, self.device):  # the new head's initialisation
-            self.head: Head = replace_head(model, len(self.classes), c.head, c.hidden, c.dropout)
-        self.prefixes = trainable_prefixes(c.backbone, model, c.unfreeze, self.head.module)
+            self.head: Head = bk.replace_head(model, len(self.classes), c.head, c.hidden, c.dropout)
+        self.prefixes = trainable_prefixes(c.backbone, bk.blocks(model), c.unfreeze, self.head.module)
         self.amp = autocast_dtype("auto", self.device)  # bf16 (or fp16) on CUDA, none on CPU
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.normalize = Normalizer(self.pre, self.device, channels_last=True)
@@ -391,7 +392,7 @@ def finetune_data(data: str, out: str | os.PathLike, config: FinetuneConfig, spl
     """``featx finetune DATA``: the training and validation images as sweep finds them
     (:func:`featx.sources.open_splits`, announced through ``say``, default ``log``), then
     :func:`finetune`."""
-    registry.check_backbone(config.backbone)
+    adapters.backbone(config.backbone)  # checked before anything is read
     splits = open_splits(data, split, val_split, root, val_fraction, config.seed)
     (say or log)(splits.note)
     return finetune(splits.train, splits.val, out, config, resume=resume, log=log)

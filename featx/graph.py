@@ -32,7 +32,7 @@ from torch import nn
 from featx import registry
 from featx.errors import FeatxError, root_cause
 from featx.files import write_text
-from featx.taps import pool
+from featx.taps import Layout, output_tensor, pool
 
 COMPILE_MODES = ("auto", "on", "off")
 # `--compile auto` in extraction: the network runs eagerly for AUTO_PROBE_BATCHES batches,
@@ -62,10 +62,10 @@ class TapNet(nn.Module):
     Args:
         model: the backbone (eval mode).
         taps: stored name -> (module name, pooling); ``:input`` taps are not supported here.
-        nhwc: taps under this module produce channels-last maps (Swin).
+        layout: how the outputs are laid out (channels-last maps, prefix tokens).
     """
 
-    def __init__(self, model: nn.Module, taps: dict[str, tuple[str, str]], nhwc: str | None = None):
+    def __init__(self, model: nn.Module, taps: dict[str, tuple[str, str]], layout: Layout | None = None):
         super().__init__()
         from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -74,17 +74,55 @@ class TapNet(nn.Module):
         from torch.fx.experimental.optimization import fuse
 
         modules = list(dict.fromkeys(module for module, _ in taps.values()))
-        # the graph module has its own containers around the model's layers: fusing in
-        # place replaces layers there, and leaves the model itself as it was
-        self.body = fuse(create_feature_extractor(model, return_nodes={m: m for m in modules}).eval(), inplace=True)
+        try:
+            # the graph module has its own containers around the model's layers: fusing in
+            # place replaces layers there, and leaves the model itself as it was
+            body = create_feature_extractor(model, return_nodes={m: m for m in modules})
+            self.body = fuse(body.eval(), inplace=True)
+        except Exception:  # noqa: BLE001 - FX cannot trace it (control flow on values): the whole network
+            self.body = Hooked(model, modules)
         self.taps = dict(taps)
-        self.nhwc = nhwc
+        self.layout = layout or Layout()
+
+    def close(self) -> None:
+        if isinstance(self.body, Hooked):
+            self.body.close()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.body(x)
-        nhwc = self.nhwc
-        return {name: pool(out[m], how, bool(nhwc) and (m == nhwc or m.startswith(nhwc + "."))).float()
+        lay = self.layout
+        return {name: pool(output_tensor(out[m]), how, lay.channels_last(m), lay.prefix_tokens).float()
                 for name, (m, how) in self.taps.items()}
+
+
+class Hooked(nn.Module):
+    """The whole network, returning what the tapped modules output (kept by forward hooks):
+    for a network FX cannot cut (control flow that depends on values, as in transformers and
+    timm's ViTs), torch.compile traces it whole, the hooks inlined.  ``close`` removes the
+    hooks."""
+
+    def __init__(self, model: nn.Module, modules: list[str]):
+        super().__init__()
+        self.model, self.out = model, {}
+        named = dict(model.named_modules())
+        self._handles = [named[m].register_forward_hook(self._keeper(m)) for m in modules]
+
+    def _keeper(self, name: str):
+        def keep(module, args, output):
+            self.out.setdefault(name, output)  # the first call wins, as in TapRecorder
+        return keep
+
+    def forward(self, x: torch.Tensor) -> dict:
+        self.out.clear()
+        self.model(x)
+        out = dict(self.out)
+        self.out.clear()
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 @contextlib.contextmanager
@@ -119,15 +157,23 @@ class CompiledTaps:
     warning and None.
     """
 
-    def __init__(self, model: nn.Module, taps: dict[str, tuple[str, str]], nhwc: str | None, batch_size: int,
+    def __init__(self, model: nn.Module, taps: dict[str, tuple[str, str]], layout: Layout | None, batch_size: int,
                  example: torch.Tensor, freeze: bool = False, cache_dir: Path | None = None):
-        net = TapNet(model, taps, nhwc).eval()
+        self.net = net = TapNet(model, taps, layout).eval()
         self.batch_size, self.freeze = batch_size, freeze
         self.fn = torch.compile(net, dynamic=False)
         t = time.perf_counter()
-        with inductor_cache(cache_dir):
-            self(example[:1])  # compile now (on a padded batch), so that failures surface here
+        try:
+            with inductor_cache(cache_dir):
+                self(example[:1])  # compile now (on a padded batch), so that failures surface here
+        except BaseException:
+            net.close()
+            raise
         self.compile_seconds = time.perf_counter() - t
+
+    def close(self) -> None:
+        """Leave the model as it was (a graph that runs it whole hooks its taps)."""
+        self.net.close()
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         import torch._inductor.config as inductor_config
@@ -141,11 +187,11 @@ class CompiledTaps:
         return {k: v[:n] for k, v in out.items()}
 
 
-def compile_taps(model: nn.Module, taps: dict[str, tuple[str, str]], nhwc: str | None, batch_size: int,
+def compile_taps(model: nn.Module, taps: dict[str, tuple[str, str]], layout: Layout | None, batch_size: int,
                  example: torch.Tensor, freeze: bool = False, cache_dir: Path | None = None) -> CompiledTaps | None:
     """The compiled graph, or None after one warning line when it cannot be built."""
     try:
-        return CompiledTaps(model, taps, nhwc, batch_size, example, freeze, cache_dir)
+        return CompiledTaps(model, taps, layout, batch_size, example, freeze, cache_dir)
     except Exception as e:  # noqa: BLE001 - any failure means: run eager
         warnings.warn(f"compiling the network failed ({root_cause(e)}); running it eagerly.", stacklevel=2)
         return None

@@ -1,6 +1,6 @@
 """Model surgery for fine-tuning: a new head, which blocks train, and BatchNorm modes.
 
-Blocks are the registry's (:func:`featx.registry.blocks_of`), so ``--unfreeze N`` means the
+Blocks are the backbone adapter's (:mod:`featx.adapters`), so ``--unfreeze N`` means the
 same blocks that ``featx backbones NAME`` lists and ``featx sweep`` probes.
 """
 
@@ -37,10 +37,14 @@ def replace_head(model: nn.Module, num_classes: int, head: str = "linear", hidde
     if head == "linear":
         return _install(model, last, nn.Linear(in_features, num_classes))
     if head == "mlp":
-        new = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                            nn.Linear(hidden, num_classes))
-        return _install(model, last, new)
+        return _install(model, last, mlp(in_features, num_classes, hidden, dropout))
     raise FeatxError(f"--head {head!r} is not one of {', '.join(HEADS)}.")
+
+
+def mlp(in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.5) -> nn.Sequential:
+    """featx's MLP head: Linear, ReLU, Dropout, Linear (the class scores)."""
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(hidden, num_classes))
 
 
 def _install(model: nn.Module, name: str, new: nn.Module) -> Head:
@@ -51,18 +55,18 @@ def _install(model: nn.Module, name: str, new: nn.Module) -> Head:
     return Head(name, logits)
 
 
-def trainable_prefixes(name: str, model: nn.Module, unfreeze: str, head: str) -> list[str] | None:
-    """Module-name prefixes to train: the head and the last ``unfreeze`` blocks (None: everything)."""
+def trainable_prefixes(name: str, blocks: list[registry.Block], unfreeze: str, head: str) -> list[str] | None:
+    """Module-name prefixes to train: the head and the last ``unfreeze`` of the backbone
+    ``name``'s ``blocks`` (None: everything)."""
     if unfreeze == "all":
         return None
     try:
         n = int(unfreeze)
     except ValueError:
         raise FeatxError(f"--unfreeze {unfreeze!r} must be 0, a number of blocks, or all.") from None
-    blocks = registry.blocks_of(name, model)
     if n < 0 or n > len(blocks):
-        raise FeatxError(f"--unfreeze {n}: {name} has {len(blocks)} blocks "
-                         f"({blocks[0].tap} ... {blocks[-1].tap}); use 0..{len(blocks)} or all.")
+        span = f" ({blocks[0].tap} ... {blocks[-1].tap})" if blocks else ""
+        raise FeatxError(f"--unfreeze {n}: {name} has {len(blocks)} blocks{span}; use 0..{len(blocks)} or all.")
     chosen = [m for b in blocks[len(blocks) - n:] for m in b.modules] if n else []
     return chosen + [head]
 

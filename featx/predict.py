@@ -59,8 +59,8 @@ def _weights_for(meta: dict, override: str | None) -> str:
         return "none"  # made again from the recorded seed; the sha256 check confirms it
     if w.startswith("file:"):
         path = meta.get("weights_path") or ""
-        if not Path(path).is_file():
-            raise FeatxError(f"the backbone weights file {path or w[5:]} is gone; pass its new location with --weights.")
+        if not path or not Path(path).exists():  # a file, or a folder save_pretrained wrote
+            raise FeatxError(f"the backbone weights {path or w[5:]} are gone; pass their new location with --weights.")
         return path
     return w
 

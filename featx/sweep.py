@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import plots, registry
+from featx import adapters, plots
 from featx.errors import FeatxError
 from featx.extract import ExtractConfig, extract
 from featx.files import atomic_open, check_output, write_text
@@ -101,7 +101,7 @@ def _in_depth_order(store, taps: list[str]) -> list[str]:
     """Order taps input side first: by the backbone's blocks when they are blocks, else as stored."""
     try:
         blocks = block_taps(store.attrs.get("backbone"))
-    except FeatxError:  # not a registry backbone
+    except FeatxError:  # a backbone featx cannot build here
         return list(taps)
     layer = {t: store.tap_info(t)["layer"] for t in taps}
     if not all(layer[t] in blocks for t in taps):
@@ -171,7 +171,7 @@ def sweep_features(train, val, out: str | os.PathLike, taps: list[str] | None = 
     backbone = a.get("backbone")
     try:
         blocks = block_taps(backbone)
-    except FeatxError:  # not a registry backbone: no block numbering for --unfreeze
+    except FeatxError:  # a backbone featx cannot build here: no block numbering for --unfreeze
         blocks = None
     found = probe(train, val, taps, rows, val_fraction, seed, progress)
     n_train = n_train or len(train)
@@ -183,7 +183,8 @@ def sweep_features(train, val, out: str | os.PathLike, taps: list[str] | None = 
 
 
 def block_taps(backbone: str) -> list[str]:
-    return [b.tap for b in registry.blocks_of(backbone, registry.skeleton(backbone))]
+    bk = adapters.backbone(backbone)
+    return [b.tap for b in bk.blocks(bk.skeleton())]
 
 
 def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[str] | None, pools: list[str],

@@ -99,7 +99,7 @@ from pathlib import Path
 t = time.perf_counter()
 example = ex.normalize(torch.zeros(1, 3, ex.pre.crop, ex.pre.crop, dtype=torch.uint8))
 with torch.inference_mode():
-    ex.compiled = compile_taps(ex.model, ex.taps, ex.nhwc, b, example, freeze=freeze, cache_dir=Path(inductor))
+    ex.compiled = compile_taps(ex.model, ex.taps, ex.layout, b, example, freeze=freeze, cache_dir=Path(inductor))
 compile_s = time.perf_counter() - t
 print(json.dumps({"eager": eager, "compiled": rate(ex), "compile_s": compile_s}))
 """

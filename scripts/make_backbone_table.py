@@ -10,7 +10,6 @@ command measures live until then, and tests/test_zoo.py fails).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,25 +21,17 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     import torchvision
 
-    from featx import registry
+    from featx import adapters
     from featx.files import write_text
-    from featx.taps import describe
-    from featx.weights import weights_enum
 
     t = time.perf_counter()
     models = {}
-    for name in registry.available_backbones():
-        model = registry.skeleton(name)
-        info = describe(name)
-        if info["dim"] is None:
-            raise SystemExit(f"{name}: {info.get('error')}")
-        models[name] = {
-            "default_tap": info["default_tap"], "dim": info["dim"],
-            "blocks": [b.tap for b in registry.blocks_of(name, model)],
-            "aliases": registry.family_of(name).aliases,
-            "modules": [n for n, _ in list(model.named_modules())[1:6]],
-            "weights": {e.name: os.path.basename(e.url) for e in weights_enum(name) or ()},
-        }
+    tv = adapters.source("torchvision")
+    for name in tv.models():
+        row = adapters.summary(tv.backbone(name))
+        if row["dim"] is None:
+            raise SystemExit(f"{name}: {row.get('error')}")
+        models[name] = row
     data = {"torchvision": torchvision.__version__.split("+")[0], "models": models}
     write_text(ROOT / "featx" / "data" / "backbones.json", json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(f"{len(models)} models in {time.perf_counter() - t:.0f} s")

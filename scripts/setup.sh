@@ -2,7 +2,7 @@
 # Create .venv with featx and its test dependencies (idempotent; used by demo.sh and test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/featx ] || ! .venv/bin/python -c "import featx, torch, torchvision, sklearn, h5py, skops, pytest, importlinter" 2>/dev/null; then
+if [ ! -x .venv/bin/featx ] || ! .venv/bin/python -c "import featx, torch, torchvision, sklearn, h5py, skops, pytest, importlinter, timm, open_clip, transformers" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   # --prefer-binary: never build an old sdist when the resolver looks for alternatives

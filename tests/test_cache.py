@@ -255,7 +255,7 @@ def test_a_rerun_whose_every_row_is_cached_builds_no_network(photos, tmp_path, m
     """Issue 19, item 7: the weights are known by their digest (a file's sha256; for random
     weights, the digest the cache recorded when it made them) and the tap widths by the
     meta-device skeleton, so answering from the cache needs no network and no forward pass."""
-    from featx import extractor
+    from featx.adapters.torchvision import TorchvisionBackbone
 
     w = str(weights_file) if weights == "file" else "none"
     first = run(photos, tmp_path / "a.h5", weights=w)
@@ -264,7 +264,7 @@ def test_a_rerun_whose_every_row_is_cached_builds_no_network(photos, tmp_path, m
     def no_network(*a, **k):
         raise AssertionError("built the network")
 
-    monkeypatch.setattr(extractor, "load_backbone", no_network)
+    monkeypatch.setattr(TorchvisionBackbone, "load", no_network)
     again = run(photos, tmp_path / "b.h5", weights=w)
     assert again.cache_hits == 14 and again.n_rows == 14
     assert_same(again.out, first.out)

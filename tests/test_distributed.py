@@ -216,3 +216,23 @@ def test_two_processes_assembling_at_once_make_one_good_file(photos, reference, 
     assert errors == []
     assert_same_file(reference, out)
     assert not parts_dir(out).exists() and not list(tmp_path.glob("f.h5.*.tmp"))
+
+
+def test_a_timm_backbone_under_torchrun_killed_and_resumed(photos, tmp_path):
+    """A backbone of another source goes through the same engine: 2 ranks (rank 1 killed
+    after its first unit), then one process finishes; the file equals one process's."""
+    pytest.importorskip("timm")
+    timm_args = ["--backbone", "timm:resnet18", *SMALL[2:], "--no-cache"]  # every row through the network
+    one = tmp_path / "one.h5"
+    r = featx("extract", photos, *timm_args, "--out", one)
+    assert r.returncode == 0 and "21 rows from 23 images, 2 failed" in r.stdout, r.stderr[-3000:]
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(KILL_RANK_1)
+    out = tmp_path / "f.h5"
+    r = torchrun(2, "extract", photos, *timm_args, "--unit-size", 4, "--out", out, script=str(script))
+    assert r.returncode != 0 and not out.exists()
+    r = featx("extract", photos, *timm_args, "--unit-size", 4, "--out", out)
+    assert r.returncode == 0 and "resumed after" in r.stdout, r.stderr[-3000:]
+    assert_same_file(one, out)
+    with FeatureStore(out) as fs:
+        assert fs.attrs["backbone"] == "timm:resnet18"

@@ -24,7 +24,7 @@ def model_with_head(unfreeze):
 
     model = registry.build(BACKBONE)
     head = replace_head(model, 2).module
-    apply_freeze(model, trainable_prefixes(BACKBONE, model, unfreeze, head))
+    apply_freeze(model, trainable_prefixes(BACKBONE, registry.blocks_of(BACKBONE, model), unfreeze, head))
     return model, head
 
 

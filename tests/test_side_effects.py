@@ -101,13 +101,13 @@ def test_a_damaged_output_file_is_called_damaged(image_tree, tmp_path, run_cli):
 
 
 def test_the_backbone_listing_says_why_a_width_is_unknown(monkeypatch):
-    from featx import taps
+    from featx import adapters, taps
 
     def broken(*a, **k):
         raise RuntimeError("no forward here")
 
     monkeypatch.setattr(taps, "widths", broken)
-    info = taps.describe(BACKBONE)
+    info = adapters.describe(adapters.backbone(BACKBONE))
     assert info["dim"] is None and info["error"] == "RuntimeError: no forward here"
 
 

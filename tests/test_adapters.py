@@ -1,0 +1,231 @@
+"""Backbones of timm, open_clip and Hugging Face transformers behind one adapter protocol.
+
+Offline: seeded random initialisation, or weights the library itself saved.  For each source
+featx's default tap must equal the library's own embedding of the same preprocessed batch,
+the token poolings must equal hand-written ones, and the CLI journey must run through.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from featx.extractor import FeatureExtractor
+from featx.store import FeatureStore
+
+from conftest import needs_compiler, small_config
+
+timm = pytest.importorskip("timm")
+open_clip = pytest.importorskip("open_clip")
+transformers = pytest.importorskip("transformers")
+
+
+def cosine(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double()).min())
+
+
+def batch(n=2, size=32, seed=0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def dino_folder(tmp_path_factory):
+    """A tiny DINOv2 saved by transformers itself (``save_pretrained``), as a user's folder."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    folder = tmp_path_factory.mktemp("hf") / "dino-tiny"
+    Dinov2Model(cfg).save_pretrained(folder)
+    return folder
+
+
+def extractor(backbone, weights="none", **kw) -> FeatureExtractor:
+    return FeatureExtractor(small_config(weights=weights, backbone=backbone, compile="off", channels_last=False, **kw))
+
+
+@pytest.mark.parametrize("name", ["timm:vit_tiny_patch16_224", "timm:resnet18"])
+def test_timm_default_tap_is_timms_pre_logits(name):
+    ex = extractor(name, image_size=None)
+    x = batch(size=ex.pre.crop)
+    torch.manual_seed(0)  # featx's `--weights none --seed 0`: the same network
+    ref = timm.create_model(name.split(":")[1], pretrained=False).eval()
+    with torch.no_grad():
+        own = ref.forward_head(ref.forward_features(ex.normalize(x)), pre_logits=True)
+    assert ex.default_tap == "embedding" and cosine(ex(x)["embedding"], own) > 0.9999
+
+
+def test_token_poolings_match_hand_written_ones():
+    ex = FeatureExtractor(small_config(backbone="timm:vit_tiny_patch16_224", layers=("blocks.11",),
+                                       pools=("cls", "mean", "clsmean", "avg"), compile="off", image_size=None))
+    x = batch(size=224)
+    out = ex(x)
+    m = ex.model
+    with torch.no_grad():
+        tokens = m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(ex.normalize(x))))))
+    cls, patches = tokens[:, 0], tokens[:, 1:]  # vit_tiny: one prefix token
+    assert cosine(out["blocks.11@cls"], cls) > 0.9999
+    assert cosine(out["blocks.11@mean"], patches.mean(1)) > 0.9999
+    assert cosine(out["blocks.11@clsmean"], torch.cat([cls, patches.mean(1)], 1)) > 0.9999
+    assert cosine(out["blocks.11@avg"], tokens.mean(1)) > 0.9999  # every token alike, as before
+    assert out["blocks.11@clsmean"].shape == (2, 384)
+
+
+def test_a_token_pooling_on_a_feature_map_is_one_sentence():
+    from featx.errors import FeatxError
+
+    with pytest.raises(FeatxError, match="--pool cls pools a transformer's tokens"):
+        FeatureExtractor(small_config(backbone="timm:resnet18", layers=("layer2",), pools=("cls",), compile="off"))
+
+
+def test_open_clip_default_tap_is_encode_image():
+    ex = extractor("open_clip:ViT-B-32", image_size=None, batch_size=2)
+    x = batch(size=224)
+    torch.manual_seed(0)
+    ref = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    with torch.no_grad():
+        own = ref.encode_image(ex.normalize(x))
+    assert ex.pre.crop == 224 and ex.pre.mean[0] == pytest.approx(0.48145466)  # the tower's own preprocessing
+    assert cosine(ex(x)["embedding"], own) > 0.9999
+    assert ex.dims["embedding"] == 512
+
+
+def test_hf_default_tap_is_the_pooled_output_of_a_saved_model(dino_folder):
+    from transformers import Dinov2Model
+
+    from featx.weights import sha256_of
+
+    ex = extractor(f"hf:{dino_folder}", weights=str(dino_folder), image_size=None)
+    x = batch(size=32)
+    ref = Dinov2Model.from_pretrained(dino_folder).eval()
+    with torch.no_grad():
+        own = ref(pixel_values=ex.normalize(x)).pooler_output
+    assert cosine(ex(x)["embedding"], own) > 0.9999
+    assert ex.weights.sha256 == sha256_of(dino_folder / "model.safetensors")  # the digest of what was loaded
+
+
+def test_timm_weights_saved_by_timm_load_by_path(tmp_path):
+    """``timm.models.save_for_hf`` (push_to_hub's save_pretrained) writes a folder featx takes as --weights."""
+    from timm.models import save_for_hf
+
+    from featx.weights import sha256_of
+
+    torch.manual_seed(3)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
+    save_for_hf(model, tmp_path / "r18", safe_serialization=True)
+    ex = extractor("timm:resnet18", weights=str(tmp_path / "r18"))
+    x = batch(size=32)
+    with torch.no_grad():
+        own = model.forward_head(model.forward_features(ex.normalize(x)), pre_logits=True)
+    assert cosine(ex(x)["embedding"], own) > 0.9999
+    assert ex.weights.sha256 == sha256_of(tmp_path / "r18" / "model.safetensors")
+
+
+def test_a_missing_library_is_one_sentence(run_cli, tmp_path, monkeypatch, image_tree):
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm does on import
+    r = run_cli("extract", image_tree, "--backbone", "timm:resnet18", "--weights", "none", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1 and "pip install 'featx[timm]'" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_unknown_names_are_refused_with_close_matches(run_cli, tmp_path, image_tree):
+    r = run_cli("extract", image_tree, "--backbone", "timm:resnet19", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1 and "unknown timm model 'resnet19'" in r.stderr and "resnet18" in r.stderr
+    r = run_cli("extract", image_tree, "--backbone", "clip:ViT-B-32", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1 and "unknown source 'clip'" in r.stderr
+    r = run_cli("extract", image_tree, "--backbone", "open_clip:ViT-B-32/nope", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 1 and "open_clip has no weights 'nope'" in r.stderr
+
+
+def test_listing_other_sources_builds_no_model(run_cli):
+    r = run_cli("backbones", "--source", "timm", "--filter", "vit_small_patch14_dinov2*")
+    assert r.exit_code == 0 and "timm:vit_small_patch14_dinov2.lvd142m" in r.stdout.split()
+    r = run_cli("backbones", "--source", "open_clip", "--filter", "ViT-B-32/*")
+    assert r.exit_code == 0 and "open_clip:ViT-B-32/laion2b_s34b_b79k" in r.stdout.split()
+    r = run_cli("backbones", "timm:vit_tiny_patch16_224")
+    assert r.exit_code == 0 and "default tap embedding (192 features)" in r.stdout and "11 blocks.11" in r.stdout
+
+
+def ok(r):
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.mark.parametrize("source", ["timm", "hf"])
+def test_the_journey_extract_fit_predict_finetune_extract(source, image_tree, tmp_path, run_cli, dino_folder):
+    """As the README shows it, fed from one command into the next, for a timm and an HF model."""
+    bk = ["--backbone", "timm:resnet18", "--weights", "none", "--image-size", "32"] if source == "timm" else \
+        ["--backbone", f"hf:{dino_folder}", "--weights", str(dino_folder)]
+    common = [*bk, "--batch-size", "4", "--workers", "0"]
+    ok(run_cli("extract", image_tree, "--split", "train", *common, "--out", tmp_path / "train.h5"))
+    ok(run_cli("extract", image_tree, "--split", "val", *common, "--out", tmp_path / "val.h5"))
+    with FeatureStore(tmp_path / "train.h5") as fs:
+        assert fs.attrs["backbone"] == bk[1] and fs.default_tap == "embedding" and fs.attrs["weights_sha256"]
+    ok(run_cli("fit", tmp_path / "train.h5", "--clf", "logreg", "--search", "none", "--out", tmp_path / "m.skops"))
+    ok(run_cli("evaluate", tmp_path / "m.skops", tmp_path / "val.h5"))
+    ok(run_cli("predict", tmp_path / "m.skops", image_tree / "val", "--out", tmp_path / "p.csv"))
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 6 and all(r["predicted"] in ("red", "blue") for r in rows)
+    ok(run_cli("finetune", image_tree, *common, "--epochs", "1", "--unfreeze", "1", "--out", tmp_path / "run"))
+    w = tmp_path / "run" / "backbone.pt"
+    ok(run_cli("extract", image_tree, "--split", "val", *[*bk[:2], "--weights", w], "--batch-size", "4",
+               "--workers", "0", "--out", tmp_path / "tuned.h5"))
+    with FeatureStore(tmp_path / "tuned.h5") as fs:
+        assert fs.features().shape[0] == 6 and np.isfinite(fs.features()).all()
+    ok(run_cli("predict", w, image_tree / "val", "--out", tmp_path / "p2.csv"))
+    assert len(list(csv.DictReader(open(tmp_path / "p2.csv")))) == 6
+
+
+def test_the_feature_cache_answers_a_timm_rerun(image_tree, tmp_path):
+    from featx.extract import extract
+    from featx.sources import folder_source
+
+    src = folder_source(image_tree, "val")
+    cfg = small_config(backbone="timm:resnet18", compile="off")
+    first = extract(src, tmp_path / "a.h5", cfg)
+    again = extract(src, tmp_path / "b.h5", cfg)
+    assert first.cache_hits == 0 and again.cache_hits == len(src)
+    with FeatureStore(tmp_path / "a.h5") as a, FeatureStore(tmp_path / "b.h5") as b:
+        assert np.array_equal(a.features(), b.features())
+
+
+def test_predict_rebuilds_a_backbone_from_a_saved_folder(image_tree, tmp_path, run_cli):
+    """The bundle records the folder the weights came from; predict finds them there."""
+    from timm.models import save_for_hf
+
+    torch.manual_seed(4)
+    save_for_hf(timm.create_model("resnet18", pretrained=False).eval(), tmp_path / "r18", safe_serialization=True)
+    common = ["--backbone", "timm:resnet18", "--weights", tmp_path / "r18", "--image-size", "32", "--workers", "0"]
+    ok(run_cli("extract", image_tree, "--split", "train", *common, "--out", tmp_path / "f.h5"))
+    ok(run_cli("fit", tmp_path / "f.h5", "--search", "none", "--out", tmp_path / "m.skops"))
+    ok(run_cli("predict", tmp_path / "m.skops", image_tree / "val", "--out", tmp_path / "p.csv"))
+    assert len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 6
+    (tmp_path / "r18").rename(tmp_path / "moved")
+    r = run_cli("predict", tmp_path / "m.skops", image_tree / "val", "--out", tmp_path / "p.csv")
+    assert r.exit_code == 1 and "are gone; pass their new location with --weights" in r.stderr
+    ok(run_cli("predict", tmp_path / "m.skops", image_tree / "val", "--weights", tmp_path / "moved",
+               "--out", tmp_path / "p.csv"))
+
+
+@needs_compiler
+def test_a_network_fx_cannot_cut_is_compiled_whole(dino_folder):
+    """transformers' models do not trace with FX: torch.compile takes the whole network, forward
+    hooks keeping the taps, and the hooks go when the compiled graph does."""
+    def make(compile):
+        return FeatureExtractor(small_config(backbone=f"hf:{dino_folder}", weights=str(dino_folder), image_size=None,
+                                             layers=("embedding", "encoder.layer.0"), pools=("clsmean",),
+                                             compile=compile, cache=None))
+    on, off = make("on"), make("off")
+    on.prepare(8)
+    assert on.compiled is not None
+    x = batch(size=32)
+    a, b = on(x), off(x)
+    assert all(cosine(a[k], b[k]) > 0.9999 for k in b)
+    on.compiled.close()
+    assert not any(m._forward_hooks for m in on.model.modules())
