@@ -230,8 +230,12 @@ def backbones(name, source, pattern, as_json):
     if source != "torchvision" and not name:
         from featx import adapters
 
-        names = adapters.source(source).models(pattern)
-        click.echo(json.dumps(names, indent=1) if as_json else "\n".join(f"{source}:{n}" for n in names))
+        src = adapters.source(source)
+        names = src.models(pattern)
+        if as_json or names:
+            click.echo(json.dumps(names, indent=1) if as_json else "\n".join(f"{source}:{n}" for n in names))
+        if not names:
+            _say(src.none_listed(pattern))
         return
     table = zoo.table()
     if table is None:  # made for another torchvision: measured now, on meta-device skeletons (about a minute)

@@ -224,7 +224,7 @@ class FeatureExtractor:
         self._compile_decided = True
         inductor = self._inductor_folder()
         if freeze is None:
-            freeze = should_freeze(self.config.backbone, self.pre.crop, n_images)
+            freeze = should_freeze(self.backbone.gflop(self.pre.crop), n_images)
         example = self.normalize(torch.zeros(1, 3, self.pre.crop, self.pre.crop, dtype=torch.uint8))
         with torch.inference_mode(), self._autocast():
             self.compiled = compile_taps(self.model, self.taps, self.layout, self.config.batch_size, example,
@@ -250,7 +250,7 @@ class FeatureExtractor:
         self._compile_decided = True
         per_image = min(self._probe[1:] or self._probe) / self.config.batch_size  # the first one warms up
         left = self._todo - len(self._probe) * self.config.batch_size
-        freeze = should_freeze(self.config.backbone, self.pre.crop, left)
+        freeze = should_freeze(self.backbone.gflop(self.pre.crop), left)
         cost = CompileRecord(self._inductor_folder()).estimate(self._graph_key(freeze), self.device, freeze)
         if left > 0 and worth_compiling(per_image, left, cost):
             self._compile(left, freeze)

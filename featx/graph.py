@@ -197,22 +197,10 @@ def compile_taps(model: nn.Module, taps: dict[str, tuple[str, str]], layout: Lay
         return None
 
 
-def gflop_per_image(backbone: str, crop: int) -> float | None:
-    """The forward pass's GFLOP per image at ``crop`` px, from torchvision's weights metadata
-    (given at 224 px; scaled by area), or None when torchvision does not say."""
-    import torchvision
-
-    try:
-        ops = list(torchvision.models.get_model_weights(backbone))[0].meta.get("_ops")
-    except (ValueError, KeyError, IndexError):
-        return None
-    return None if ops is None else float(ops) * (crop / 224) ** 2
-
-
-def should_freeze(backbone: str, crop: int, n_images: int) -> bool:
-    """Whether the job's forward work pays for freezing (see ``FREEZE_MIN_GFLOP``)."""
-    per_image = gflop_per_image(backbone, crop)
-    return per_image is not None and n_images * per_image >= FREEZE_MIN_GFLOP
+def should_freeze(gflop_per_image: float | None, n_images: int) -> bool:
+    """Whether the job's forward work pays for freezing (see ``FREEZE_MIN_GFLOP``); an unknown
+    cost per image (None) never freezes."""
+    return gflop_per_image is not None and n_images * gflop_per_image >= FREEZE_MIN_GFLOP
 
 
 def should_compile(mode: str, device: torch.device, n_images: int, thresholds: dict = AUTO_MIN_TRAIN_IMAGES) -> bool:

@@ -184,7 +184,7 @@ def sweep_features(train, val, out: str | os.PathLike, taps: list[str] | None = 
 
 def block_taps(backbone: str) -> list[str]:
     bk = adapters.backbone(backbone)
-    return [b.tap for b in bk.blocks(bk.skeleton())]
+    return [b.tap for b in bk.blocks(bk.bare())]
 
 
 def sweep_images(data: str, out: str, backbone: str, weights: str, taps: list[str] | None, pools: list[str],

@@ -251,33 +251,30 @@ def load_backbone(name: str, weights: Weights) -> tuple[nn.Module, Weights]:
     return registry.build(name, weights.num_classes, state, weights.enum, origin=origin).eval(), weights
 
 
-def preprocess_for(name: str, weights: Weights, image_size: int | None = None, grayscale: bool = False) -> Preprocess:
-    """Preprocessing from the weights' own ``transforms()``, with featx's overrides.
+def preprocess_for(name: str, weights: Weights) -> Preprocess:
+    """A torchvision network's preprocessing, from its weights' own ``transforms()``; random
+    weights and files of unknown origin use the model's default ImageNet weights' (a
+    fine-tuned network's own and featx's overrides: :func:`featx.adapters.preprocessing`)."""
+    enum = weights_enum(name)
+    entry = weights.enum or (enum.DEFAULT if enum else None)
+    if entry is None:
+        return Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    t = entry.transforms()
+    return Preprocess(
+        resize=int(t.resize_size[0]) if t.resize_size else int(t.crop_size[0]),
+        crop=int(t.crop_size[0]),
+        mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std),
+        interpolation=t.interpolation.value,
+    )
 
-    A fine-tuned network keeps the preprocessing it was trained with; random weights and
-    files of unknown origin use the model's default ImageNet weights' preprocessing.
-    """
-    if weights.meta and "preprocessing" in weights.meta:
-        pre = Preprocess.from_json(weights.meta["preprocessing"])
-    else:
-        enum = weights_enum(name)
-        entry = weights.enum or (enum.DEFAULT if enum else None)
-        if entry is None:
-            pre = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        else:
-            t = entry.transforms()
-            pre = Preprocess(
-                resize=int(t.resize_size[0]) if t.resize_size else int(t.crop_size[0]),
-                crop=int(t.crop_size[0]),
-                mean=tuple(float(v) for v in t.mean),
-                std=tuple(float(v) for v in t.std),
-                interpolation=t.interpolation.value,
-            )
-    if image_size is not None:
-        pre.resize = pre.crop = int(image_size)
-    if grayscale:
-        pre.grayscale = True
-    return pre
+
+def gflop_per_image(name: str, crop: int) -> float | None:
+    """A torchvision network's forward GFLOP per image at ``crop`` px, from its weights'
+    metadata (given at 224 px; scaled by area), or None when torchvision does not say."""
+    enum = weights_enum(name)
+    ops = list(enum)[0].meta.get("_ops") if enum else None
+    return None if ops is None else float(ops) * (crop / 224) ** 2
 
 
 def import_weights(path: str | os.PathLike) -> Path:

@@ -146,9 +146,10 @@ def median(xs):
 
 
 def bench_backbone(backbone: str, data: Path, n: int, tmp: Path, repeats: int) -> dict:
+    from featx import adapters
     from featx.graph import should_freeze
 
-    freeze = should_freeze(backbone, 224, n)
+    freeze = should_freeze(adapters.backbone(backbone).gflop(224), n)
     bare = [child(BARE, backbone, data, int(freeze), tmp / f"inductor-{backbone}-{k}") for k in range(repeats)]
     res = {"eager": median([b["eager"] for b in bare]), "compiled": median([b["compiled"] for b in bare]),
            "compile_s": median([b["compile_s"] for b in bare]), "frozen": freeze}

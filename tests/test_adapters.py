@@ -46,6 +46,21 @@ def dino_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    """A tiny CLIP architecture registered with open_clip (``add_model_config``), as a user's
+    own config would be: ``open_clip:featx-tiny-clip``."""
+    import json
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                                           "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 16, "heads": 1, "layers": 1}}
+    path = tmp_path_factory.mktemp("clip") / "featx-tiny-clip.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return "open_clip:featx-tiny-clip"
+
+
 def extractor(backbone, weights="none", **kw) -> FeatureExtractor:
     return FeatureExtractor(small_config(weights=weights, backbone=backbone, compile="off", channels_last=False, **kw))
 
@@ -157,11 +172,13 @@ def ok(r):
     return r
 
 
-@pytest.mark.parametrize("source", ["timm", "hf"])
-def test_the_journey_extract_fit_predict_finetune_extract(source, image_tree, tmp_path, run_cli, dino_folder):
-    """As the README shows it, fed from one command into the next, for a timm and an HF model."""
-    bk = ["--backbone", "timm:resnet18", "--weights", "none", "--image-size", "32"] if source == "timm" else \
-        ["--backbone", f"hf:{dino_folder}", "--weights", str(dino_folder)]
+@pytest.mark.parametrize("source", ["timm", "hf", "open_clip"])
+def test_the_journey_extract_fit_predict_finetune_extract(source, image_tree, tmp_path, run_cli, dino_folder,
+                                                          tiny_clip):
+    """As the README shows it, fed from one command into the next, for a model of each source."""
+    bk = {"timm": ["--backbone", "timm:resnet18", "--weights", "none", "--image-size", "32"],
+          "hf": ["--backbone", f"hf:{dino_folder}", "--weights", str(dino_folder)],
+          "open_clip": ["--backbone", tiny_clip, "--weights", "none"]}[source]
     common = [*bk, "--batch-size", "4", "--workers", "0"]
     ok(run_cli("extract", image_tree, "--split", "train", *common, "--out", tmp_path / "train.h5"))
     ok(run_cli("extract", image_tree, "--split", "val", *common, "--out", tmp_path / "val.h5"))
@@ -229,3 +246,76 @@ def test_a_network_fx_cannot_cut_is_compiled_whole(dino_folder):
     assert all(cosine(a[k], b[k]) > 0.9999 for k in b)
     on.compiled.close()
     assert not any(m._forward_hooks for m in on.model.modules())
+
+
+def test_open_clip_silences_only_its_random_init_notice(tiny_clip, caplog):
+    """``--weights none`` asked for random weights: open_clip's notice that it made them is not
+    shown, and the root logger is left as it was (no handler added, other records pass)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, filters = list(root.handlers), list(root.filters)
+    with caplog.at_level(logging.WARNING):
+        ex = extractor(tiny_clip)
+        ex(batch(size=32))
+        logging.getLogger().warning("a record of someone else")
+    assert "No pretrained weights loaded" not in caplog.text and "a record of someone else" in caplog.text
+    assert root.handlers == handlers and root.filters == filters
+
+
+def test_hf_loading_leaves_transformers_progress_bars_as_they_were(dino_folder, capfd):
+    log = transformers.utils.logging
+    assert log.is_progress_bar_enabled()
+    extractor(f"hf:{dino_folder}", weights=str(dino_folder)).model
+    assert "Loading weights" not in capfd.readouterr().err and log.is_progress_bar_enabled()
+
+
+def test_weights_not_in_the_cache_offline_are_one_sentence(run_cli, image_tree, tmp_path, monkeypatch, tiny_clip):
+    """Offline and not cached: each source says where the weights are looked for and what to do."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*a, **k):
+        raise LocalEntryNotFoundError("cannot reach the hub and the file is not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", offline)
+    out = ["--workers", "0", "--out", tmp_path / "f.h5"]
+    r = run_cli("extract", image_tree, "--backbone", "timm:resnet18.a1_in1k", *out)
+    assert r.exit_code == 1 and "are not in the Hugging Face cache and could not be downloaded" in r.stderr
+    assert "huggingface-cli download timm/resnet18.a1_in1k" in r.stderr and "Traceback" not in r.output
+    r = run_cli("extract", image_tree, "--backbone", "hf:facebook/dinov2-small", *out)
+    assert r.exit_code == 1 and "facebook/dinov2-small is not in the Hugging Face cache" in r.stderr
+    r = run_cli("extract", image_tree, "--backbone", "open_clip:ViT-B-32/laion2b_s34b_b79k", *out)
+    assert r.exit_code == 1 and "are not in open_clip's cache and could not be downloaded" in r.stderr
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_a_prefilled_hub_cache_works_offline(dino_folder, image_tree, tmp_path):
+    """What README says for a machine without a network: copy a filled HF_HOME there.  A hub
+    cache laid out as huggingface_hub lays it out, HF_HUB_OFFLINE set: the model is listed and
+    extracts by its hub name."""
+    import os
+    import shutil
+    import subprocess
+
+    home = tmp_path / "hf-home"
+    repo = home / "hub" / "models--featx--dino-tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(dino_folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    featx = [sys.executable, "-m", "featx"]
+    r = subprocess.run([*featx, "backbones", "--source", "hf"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["hf:featx/dino-tiny"], r.stderr
+    r = subprocess.run([*featx, "extract", image_tree / "val", "--backbone", "hf:featx/dino-tiny", "--workers", "0",
+                        "--no-cache", "--compile", "off", "--out", tmp_path / "f.h5"], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    with FeatureStore(tmp_path / "f.h5") as fs:
+        assert fs.features().shape == (6, 32) and fs.attrs["weights"] == "featx/dino-tiny"
+    r = subprocess.run([*featx, "backbones", "--source", "hf"], env={**env, "HF_HOME": str(tmp_path / "empty")},
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "" and "any hf:ORG/NAME of a vision model works" in r.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from featx.extractor import FeatureExtractor
-from featx.graph import TapNet, gflop_per_image, should_compile, should_freeze
+from featx.graph import TapNet, should_compile, should_freeze
 from featx.store import FeatureStore
 
 from conftest import make_image, needs_compiler, small_config
@@ -60,10 +60,14 @@ def test_compiled_equals_eager_on_random_weights(name, size, n_images, frozen):
 
 
 def test_only_jobs_with_enough_forward_work_are_frozen():
-    assert gflop_per_image("resnet50", 224) == pytest.approx(4.089)
-    assert gflop_per_image("resnet50", 112) == pytest.approx(4.089 / 4)
-    assert not should_freeze("mobilenet_v2", 224, 2000) and should_freeze("mobilenet_v2", 224, 20_000)
-    assert should_freeze("resnet50", 224, 2000) and not should_freeze("resnet50", 224, 100)
+    from featx import adapters
+
+    resnet, mobilenet = adapters.backbone("resnet50"), adapters.backbone("mobilenet_v2")
+    assert resnet.gflop(224) == pytest.approx(4.089)
+    assert resnet.gflop(112) == pytest.approx(4.089 / 4)
+    assert not should_freeze(mobilenet.gflop(224), 2000) and should_freeze(mobilenet.gflop(224), 20_000)
+    assert should_freeze(resnet.gflop(224), 2000) and not should_freeze(resnet.gflop(224), 100)
+    assert not should_freeze(None, 10**9)  # a cost nobody states never freezes
 
 
 def _real_weights() -> Path:

@@ -55,6 +55,7 @@ class Backbone:
 
     def __init__(self, name: str, model_name: str):
         self.name, self.model_name = name, model_name
+        self._bare: nn.Module | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -78,6 +79,13 @@ class Backbone:
         """The architecture the weights load into, without weights (meta device where it can)."""
         raise NotImplementedError
 
+    def bare(self) -> nn.Module:
+        """The skeleton without weights, made once for this Backbone and shared: for reading
+        its architecture (configs, names, widths), never for changing."""
+        if self._bare is None:
+            self._bare = self.skeleton()
+        return self._bare
+
     # -- what the network is ---------------------------------------------------------
     def preprocess(self, weights: Weights) -> Preprocess:
         """The network's own preprocessing (size, crop, interpolation, mean and std)."""
@@ -85,6 +93,11 @@ class Backbone:
 
     def default_tap(self, model: nn.Module) -> str:
         raise NotImplementedError
+
+    def gflop(self, crop: int) -> float | None:
+        """The forward pass's GFLOP per image at ``crop`` px where the source states it (it
+        decides whether compiling freezes the graph), else None."""
+        return None
 
     def aliases(self) -> dict[str, str]:
         """Friendly tap names -> module names (``fc7``)."""
@@ -132,6 +145,10 @@ class Source:
     def models(self, pattern: str | None = None) -> list[str]:
         """Names this source can build (``pattern``: a shell-style filter)."""
         raise NotImplementedError
+
+    def none_listed(self, pattern: str | None) -> str:
+        """The sentence for an empty listing."""
+        return f"no {self.prefix} model matches {pattern!r}." if pattern else f"{self.package} lists no models."
 
     def require(self, module: str):
         """Import the source's library, or say in one sentence which ``pip install`` adds it."""
@@ -190,7 +207,7 @@ def describe(bk: Backbone) -> dict:
     from featx.errors import root_cause
     from featx.taps import widths
 
-    model = bk.skeleton()
+    model = bk.bare()
     tap = bk.default_tap(model)
     info = {"name": bk.name, "default_tap": tap, "dim": None}
     on_meta = next(model.parameters()).device.type == "meta"
@@ -205,7 +222,7 @@ def describe(bk: Backbone) -> dict:
 def summary(bk: Backbone) -> dict:
     """What ``featx backbones NAME`` shows: default tap and width, blocks, aliases, the first
     module names and the named weights, from the skeleton."""
-    model = bk.skeleton()
+    model = bk.bare()
     info = describe(bk)
     out = {"default_tap": info["default_tap"], "dim": info["dim"], "blocks": [b.tap for b in bk.blocks(model)],
            "aliases": bk.aliases(), "modules": [n for n, _ in list(model.named_modules())[1:6]],

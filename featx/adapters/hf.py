@@ -13,6 +13,7 @@ transformers is imported here only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -118,7 +119,7 @@ class HFBackbone(Backbone):
         if w.meta is None and folder.is_dir():  # what save_pretrained wrote: transformers' loader (its key renames)
             t = _transformers()
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _no_progress_bar(t):
                     warnings.simplefilter("ignore")
                     model = t.AutoModel.from_pretrained(str(folder))
             except Exception as e:  # noqa: BLE001 - a foreign or damaged folder
@@ -177,7 +178,7 @@ class HFBackbone(Backbone):
         return [Block(f"{name}.{i}", (f"{name}.{i}",)) for i in range(len(layers))]
 
     def layout(self, model: nn.Module | None = None) -> Layout:
-        model = model if model is not None else self.skeleton()
+        model = model if model is not None else self.bare()
         cls = any(n.endswith(("cls_token", "class_embedding")) for n, _ in model.named_parameters())
         cfg = self.config()
         registers = int(getattr(getattr(cfg, "vision_config", None) or cfg, "num_register_tokens", 0) or 0)
@@ -188,6 +189,20 @@ class HFBackbone(Backbone):
         cfg = self.config()
         width = int(getattr(getattr(cfg, "vision_config", None) or cfg, "hidden_size"))
         return add_head(model, width, num_classes, head, hidden, dropout)
+
+
+@contextlib.contextmanager
+def _no_progress_bar(t):
+    """transformers' "Loading weights" bar off while featx loads (featx shows its own), and back
+    as it was afterwards."""
+    log = t.utils.logging
+    was = log.is_progress_bar_enabled()
+    log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            log.enable_progress_bar()
 
 
 def _side(size) -> int | None:
@@ -234,8 +249,8 @@ class HFSource(Source):
         return HFBackbone(f"hf:{model_name}", model_name)
 
     def models(self, pattern: str | None = None) -> list[str]:
-        """The vision models in the local hub cache (the hub itself lists thousands: search it
-        at huggingface.co/models)."""
+        """The models in the local hub cache (the hub itself holds thousands: search it at
+        huggingface.co/models)."""
         import fnmatch
 
         try:
@@ -245,6 +260,13 @@ class HFSource(Source):
         except Exception:  # noqa: BLE001 - no cache yet
             repos = []
         return [r for r in repos if fnmatch.fnmatch(r, pattern)] if pattern else repos
+
+
+    def none_listed(self, pattern: str | None) -> str:
+        matching = f" matching {pattern!r}" if pattern else ""
+        return (f"the Hugging Face cache (HF_HOME) holds no model{matching}; featx lists only cached models, and any "
+                "hf:ORG/NAME of a vision model works where a network is (e.g. hf:facebook/dinov2-small), as does "
+                "hf:FOLDER for a model saved with save_pretrained.")
 
 
 SOURCE = HFSource()

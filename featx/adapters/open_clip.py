@@ -12,6 +12,8 @@ imported here only.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
 
@@ -38,6 +40,27 @@ def _tower_forward(cls):
     return embed
 
 
+@contextlib.contextmanager
+def _no_random_init_notice():
+    """Keep open_clip's "No pretrained weights loaded ... initialized randomly" notice (logged on
+    the root logger) out of featx's output while featx builds a tower it loads itself, or that
+    ``--weights none`` asked for; the root logger is left as it was (a handler in place keeps
+    ``logging.warning`` from configuring it)."""
+    root = logging.getLogger()
+    handler = logging.NullHandler()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root.addHandler(handler)
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        root.removeHandler(handler)
+
+
 class OpenClipBackbone(Backbone):
     source = "open_clip"
 
@@ -46,7 +69,7 @@ class OpenClipBackbone(Backbone):
         self.arch, _, self.tag = model_name.partition("/")
 
     def _clip(self, device: str = "cpu", checkpoint: str | None = None) -> nn.Module:
-        with warnings.catch_warnings(), torch.device(device):
+        with warnings.catch_warnings(), torch.device(device), _no_random_init_notice():
             warnings.simplefilter("ignore")
             return _open_clip().create_model(self.arch, pretrained=checkpoint, device=device)
 
@@ -124,7 +147,7 @@ class OpenClipBackbone(Backbone):
 
     # -- what the network is --------------------------------------------------------------
     def preprocess(self, w: Weights) -> Preprocess:
-        cfg = getattr(self.skeleton(), "preprocess_cfg", None) or {}
+        cfg = getattr(self.bare(), "preprocess_cfg", None) or {}
         size = cfg.get("size", 224)
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
         # open_clip resizes the shorter side to the input size and crops the centre ("shortest")

@@ -131,7 +131,7 @@ class TimmBackbone(Backbone):
     def preprocess(self, w: Weights) -> Preprocess:
         from timm.data import resolve_data_config
 
-        cfg = resolve_data_config({}, model=self.skeleton())
+        cfg = resolve_data_config({}, model=self.bare())
         size = int(cfg["input_size"][-1])
         crop_pct = float(cfg.get("crop_pct") or 1.0)
         return Preprocess(resize=math.floor(size / crop_pct), crop=size, mean=tuple(map(float, cfg["mean"])),
@@ -157,7 +157,7 @@ class TimmBackbone(Backbone):
         return out
 
     def layout(self, model: nn.Module | None = None) -> Layout:
-        model = model if model is not None else self.skeleton()
+        model = model if model is not None else self.bare()
         nhwc = None
         if str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC"):  # Swin and kin: stage outputs are NHWC
             blocks = self.blocks(model)

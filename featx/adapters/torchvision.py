@@ -31,6 +31,9 @@ class TorchvisionBackbone(Backbone):
     def preprocess(self, w: Weights) -> Preprocess:
         return weights.preprocess_for(self.model_name, w)
 
+    def gflop(self, crop: int) -> float | None:
+        return weights.gflop_per_image(self.model_name, crop)
+
     def default_tap(self, model: nn.Module) -> str:
         return registry.default_tap(self.model_name, model)
 
