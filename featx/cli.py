@@ -48,7 +48,7 @@ class Size(click.ParamType):
 
 
 class Pooling(click.ParamType):
-    """avg, max, gem or gridK."""
+    """avg, max, gem, gridK, cls, mean or clsmean."""
 
     name = "pooling"
 
@@ -67,9 +67,11 @@ MAX_BATCH = 4096  # every batch is padded to the batch size: an absurd one would
 # -- options shared by several commands (defined once) ------------------------------------
 
 backbone_option = click.option("--backbone", "-b", default="resnet50", show_default=True,
-                               help="torchvision model name (`featx backbones` lists them).")
+                               help="a torchvision name, or timm:NAME, open_clip:MODEL/TAG or hf:ORG/NAME (`featx backbones "
+                                    "[--source S]` lists them).")
 weights_option = click.option("--weights", default="DEFAULT", show_default=True,
-                              help="DEFAULT, a weights name (IMAGENET1K_V1...), none (random), or a file.")
+                              help="DEFAULT (the backbone's own), a torchvision weights name (IMAGENET1K_V1...), none "
+                                   "(seeded random), or a file or folder.")
 split_option = click.option("--split", default=None, help="subfolder (folder data) or split (torchvision data) to read.")
 root_option = click.option("--root", default="data", show_default=True, help="where torchvision data sets live.")
 image_size_option = click.option("--image-size", type=click.IntRange(8, 4096), default=None,
@@ -146,9 +148,12 @@ def main():
 @root_option
 @backbone_option
 @weights_option
-@click.option("--layer", "layers", multiple=True, help="tap a named module (repeatable; default: the backbone's pooled output).")
+@click.option("--layer", "layers", multiple=True,
+              help="tap a named module (repeatable; default: the backbone's own embedding, which `featx backbones "
+                   "NAME` names).")
 @click.option("--pool", "pools", type=Pooling(), multiple=True, default=("avg",), show_default=True,
-              help="avg, max, gem or gridK (KxK spatial grid, K at most the tapped map's size); repeatable.")
+              help="avg, max, gem or gridK (KxK spatial grid, K at most the tapped map's size); for a "
+                   "transformer's tokens also cls, mean (patch tokens) or clsmean; repeatable.")
 @image_size_option
 @grayscale_option
 @batch_option

@@ -319,3 +319,13 @@ def test_a_prefilled_hub_cache_works_offline(dino_folder, image_tree, tmp_path):
     r = subprocess.run([*featx, "backbones", "--source", "hf"], env={**env, "HF_HOME": str(tmp_path / "empty")},
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == "" and "any hf:ORG/NAME of a vision model works" in r.stderr
+
+
+def test_sweep_probes_every_block_of_a_timm_transformer_with_token_poolings(image_tree, tmp_path, run_cli):
+    """One forward pass over the twelve blocks of a ViT, each pooled two ways."""
+    ok(run_cli("sweep", image_tree, "--backbone", "timm:vit_tiny_patch16_224", "--weights", "none", "--image-size",
+               "32", "--pool", "cls", "--pool", "clsmean", "--workers", "0", "--out", tmp_path / "sw"))
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    assert [(r["layer"], r["pool"]) for r in rows] == [(f"blocks.{i}", p) for i in range(12) for p in ("cls", "clsmean")]
+    assert {r["pool"]: int(r["dim"]) for r in rows} == {"cls": 192, "clsmean": 384}
+    assert all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)
