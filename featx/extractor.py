@@ -157,6 +157,7 @@ class FeatureExtractor:
         self.compiled: CompiledTaps | None = None
         self._compile_decided = False
         self._todo: int | None = None  # images the job sends through the network (prepare)
+        self._timing: tuple[str, float, list] | None = None  # auto compiled: (graph, eager s/image, batch times)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -251,9 +252,12 @@ class FeatureExtractor:
         per_image = min(self._probe[1:] or self._probe) / self.config.batch_size  # the first one warms up
         left = self._todo - len(self._probe) * self.config.batch_size
         freeze = should_freeze(self.backbone.gflop(self.pre.crop), left)
-        cost = CompileRecord(self._inductor_folder()).estimate(self._graph_key(freeze), self.device, freeze)
-        if left > 0 and worth_compiling(per_image, left, cost):
+        key, record = self._graph_key(freeze), CompileRecord(self._inductor_folder())
+        cost = record.estimate(key, self.device, freeze)
+        if left > 0 and worth_compiling(per_image, left, cost, record.speedup(key)):
             self._compile(left, freeze)
+            if self.compiled is not None:  # measure what it gained, for the next run's decision
+                self._timing = (key, per_image, [])
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
@@ -281,9 +285,23 @@ class FeatureExtractor:
                     with TapRecorder(self.model, wanted, self.layout) as rec:
                         out = rec.run(x)
             out = {k: v[:n].float().cpu().numpy() for k, v in out.items()}  # on the CPU: the work is done
-        if probing and n == self.config.batch_size and len(wanted) == len(self.taps):  # a full batch, every tap
-            self._observe(time.perf_counter() - t0)
+        if n == self.config.batch_size and len(wanted) == len(self.taps):  # a full batch, every tap
+            if probing:
+                self._observe(time.perf_counter() - t0)
+            elif self._timing is not None and self.compiled is not None:
+                self._time_compiled(time.perf_counter() - t0)
         return out
+
+    def _time_compiled(self, seconds: float) -> None:
+        """``--compile auto``: the compiled graph's speed-up over the eager batches measured,
+        recorded beside inductor's cache for the next decision on this graph (the first
+        compiled batch counts as warm-up)."""
+        key, eager, times = self._timing
+        times.append(seconds)
+        if len(times) > AUTO_PROBE_BATCHES:
+            self._timing = None
+            compiled = min(times[1:]) / self.config.batch_size
+            CompileRecord(self._inductor_folder()).note(key, speedup=eager / compiled)
 
     def _compiled(self, x: torch.Tensor, wanted: dict) -> dict | None:
         """The compiled graph's taps (it computes all of them); None, with one warning, and

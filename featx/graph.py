@@ -37,8 +37,9 @@ from featx.taps import Layout, output_tensor, pool
 COMPILE_MODES = ("auto", "on", "off")
 # `--compile auto` in extraction: the network runs eagerly for AUTO_PROBE_BATCHES batches,
 # which measures what an image costs on this machine, and then compiles for the images left
-# if the time the compiled graph saves on them (at COMPILED_SPEEDUP, below the 1.6-1.8x measured
-# for mobilenet_v2 and resnet50 on 2 CPU cores) exceeds COMPILE_MARGIN times what compiling
+# if the time the compiled graph saves on them (at the speed-up measured for this graph in an
+# earlier run, else COMPILED_SPEEDUP: below the 1.6-1.8x measured for mobilenet_v2 and resnet50
+# on 2 CPU cores) exceeds COMPILE_MARGIN times what compiling
 # costs: the time recorded for this graph before (CompileRecord), or for a graph never
 # compiled with this cache, COLD_COMPILE_S (8-27 s measured for mobilenet_v2 on 2 cores, by machine).
 AUTO_PROBE_BATCHES = 2
@@ -212,10 +213,14 @@ def should_compile(mode: str, device: torch.device, n_images: int, thresholds: d
     return n_images >= thresholds.get(device.type, thresholds["cuda"])
 
 
-def worth_compiling(seconds_per_image: float, n_images: int, compile_seconds: float) -> bool:
+def worth_compiling(seconds_per_image: float, n_images: int, compile_seconds: float,
+                    speedup: float = COMPILED_SPEEDUP) -> bool:
     """``--compile auto`` in extraction: whether compiling for ``n_images`` more images pays,
-    an image costing ``seconds_per_image`` eagerly and compiling ``compile_seconds``."""
-    saved = n_images * seconds_per_image * (1 - 1 / COMPILED_SPEEDUP)
+    an image costing ``seconds_per_image`` eagerly, compiling ``compile_seconds``, and the
+    compiled graph running ``speedup`` times as fast."""
+    if speedup <= 1:
+        return False
+    saved = n_images * seconds_per_image * (1 - 1 / speedup)
     return saved > COMPILE_MARGIN * compile_seconds
 
 
@@ -255,13 +260,23 @@ class CompileRecord:
             return float(entry["cold_s"]) * (0.5 if freeze else 0.25)
         return COLD_COMPILE_S.get(device.type, COLD_COMPILE_S["cuda"])
 
-    def note(self, key: str, seconds: float) -> None:
-        """Record a compile (the first of a graph is its cold one)."""
+    def speedup(self, key: str) -> float:
+        """How much faster this graph ran compiled than eagerly when it was last measured here,
+        else COMPILED_SPEEDUP."""
+        entry = self._read(warn=False).get(key) or {}
+        return float(entry.get("speedup", COMPILED_SPEEDUP))
+
+    def note(self, key: str, seconds: float | None = None, speedup: float | None = None) -> None:
+        """Record a compile (the first of a graph is its cold one), or the speed-up the compiled
+        graph was measured at."""
         if self.path is None:
             return
         data = self._read(warn=False)  # a damaged record was reported by estimate(); this replaces it
         entry = data.setdefault(key, {})
-        entry["warm_s" if "cold_s" in entry else "cold_s"] = round(seconds, 2)
+        if seconds is not None:
+            entry["warm_s" if "cold_s" in entry else "cold_s"] = round(seconds, 2)
+        if speedup is not None:
+            entry["speedup"] = round(speedup, 3)
         try:
             write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
         except FeatxError as e:  # a record that cannot be written only makes the next estimate cold

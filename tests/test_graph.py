@@ -209,6 +209,35 @@ def test_auto_measures_the_first_batches_then_decides(image_tree, tmp_path, monk
         assert cosines({"f": a.features()}, {"f": b.features()})["f"] > 0.9999
 
 
+@needs_compiler
+@pytest.mark.parametrize("recorded, compiles", [(0.9, False), (3.0, True)])
+def test_auto_records_the_speed_up_it_measured_and_decides_by_it_next_time(image_tree, tmp_path, monkeypatch,
+                                                                           recorded, compiles):
+    """auto measures what compiling gained and records it beside inductor's cache: a graph that
+    ran no faster compiled (as a transformer may on some machine) is not compiled again,
+    however cheap compiling it is; one that gained is."""
+    import json
+
+    from featx import graph
+    from featx.extract import extract
+    from featx.sources import folder_source
+
+    assert not graph.worth_compiling(1.0, 10**6, 0.0, speedup=0.95)  # never when it does not gain
+    assert graph.worth_compiling(0.02, 10_000, 20.0, speedup=1.5)
+    assert not graph.worth_compiling(0.02, 10_000, 20.0, speedup=1.05)
+    monkeypatch.setitem(graph.COLD_COMPILE_S, "cpu", 1e-6)
+    cfg = small_config(batch_size=2, compile="auto", cache=str(tmp_path / "cache"))
+    # 12 images, 6 batches: 2 eager, then compiled: 1 warm-up and 3 timed
+    assert extract(folder_source(image_tree, "train"), tmp_path / "a.h5", cfg).compiled
+    path = tmp_path / "cache" / "inductor" / graph.RECORD
+    record = json.loads(path.read_text())
+    (key, entry), = record.items()
+    assert entry["speedup"] > 0 and entry["cold_s"] > 0
+    record[key].update(speedup=recorded, cold_s=1e-6)  # compiling costs nothing: only the speed-up decides
+    path.write_text(json.dumps(record))
+    assert extract(folder_source(image_tree, "val"), tmp_path / "b.h5", cfg).compiled == compiles
+
+
 def test_an_unknown_compile_mode_is_one_sentence(run_cli, tmp_path):
     from featx.errors import FeatxError
     from featx.finetune import FinetuneConfig, _check
