@@ -329,3 +329,25 @@ def test_sweep_probes_every_block_of_a_timm_transformer_with_token_poolings(imag
     assert [(r["layer"], r["pool"]) for r in rows] == [(f"blocks.{i}", p) for i in range(12) for p in ("cls", "clsmean")]
     assert {r["pool"]: int(r["dim"]) for r in rows} == {"cls": 192, "clsmean": 384}
     assert all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+
+
+def test_hf_token_poolings_leave_out_register_tokens(tmp_path):
+    """DINOv2 with registers: ``mean`` averages the patch tokens only, without CLS and the
+    register tokens, as the model's own hidden states show them."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(1)
+    cfg = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8, num_register_tokens=4)
+    Dinov2WithRegistersModel(cfg).save_pretrained(tmp_path / "reg")
+    ex = FeatureExtractor(small_config(backbone=f"hf:{tmp_path / 'reg'}", weights=str(tmp_path / "reg"),
+                                       layers=("encoder.layer.1",), pools=("cls", "mean"), compile="off",
+                                       image_size=None))
+    x = batch(size=32)
+    ref = Dinov2WithRegistersModel.from_pretrained(tmp_path / "reg").eval()
+    with torch.no_grad():
+        tokens = ref(pixel_values=ex.normalize(x), output_hidden_states=True).hidden_states[2]  # after layer 1
+    out = ex(x)
+    assert tokens.shape[1] == 1 + 4 + 16
+    assert cosine(out["encoder.layer.1@cls"], tokens[:, 0]) > 0.9999
+    assert cosine(out["encoder.layer.1@mean"], tokens[:, 5:].mean(1)) > 0.9999
