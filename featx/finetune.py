@@ -37,7 +37,7 @@ from featx.decode import Decoded, collate
 from featx.device import autocast_dtype, resolve_device
 from featx.errors import FeatxError, root_cause
 from featx.files import atomic_open, check_output
-from featx.graph import AUTO_MIN_TRAIN_IMAGES, COMPILE_MODES, should_compile
+from featx.graph import AUTO_MIN_TRAIN_IMAGES, COMPILE_MODES, own_forward, should_compile, strict_recompiles
 from featx.heads import Head, apply_freeze, train_mode, trainable_prefixes
 from featx.preprocess import Normalizer, Preprocess
 from featx.sources import Source, open_splits
@@ -189,7 +189,7 @@ class Trainer:
         # The training forward (and so its backward) as a compiled graph; the model itself
         # stays the eager module: its state_dict, validation and export are unchanged.
         compiled = should_compile(c.compile, self.device, len(train) * c.epochs, AUTO_MIN_TRAIN_IMAGES)
-        self.forward = torch.compile(self.model) if compiled else self.model
+        self.forward = torch.compile(own_forward(self.model)) if compiled else self.model
 
     def _optimizer(self):
         c, head = self.config, self.head.module
@@ -265,7 +265,7 @@ class Trainer:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of one batch; returns the logits and the loss."""
-        with self._autocast():
+        with self._autocast(), strict_recompiles():
             logits = self.forward(self.normalize(x))
             loss = self.loss_fn(logits.float(), y)
         self.scaler.scale(loss).backward()

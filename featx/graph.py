@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -161,7 +162,7 @@ class CompiledTaps:
 
     def __init__(self, model: nn.Module, taps: dict[str, tuple[str, str]], layout: Layout | None, batch_size: int,
                  example: torch.Tensor, freeze: bool = False, cache_dir: Path | None = None):
-        self.net = net = TapNet(model, taps, layout).eval()
+        self.net = net = own_forward(TapNet(model, taps, layout).eval())
         self.batch_size, self.freeze = batch_size, freeze
         self.fn = torch.compile(net, dynamic=False)
         t = time.perf_counter()
@@ -184,9 +185,30 @@ class CompiledTaps:
         if n < self.batch_size:  # one shape: the graph compiles once
             layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))]).contiguous(memory_format=layout)
-        with inductor_config.patch(freezing=self.freeze):
+        with inductor_config.patch(freezing=self.freeze), strict_recompiles():
             out = self.fn(x)
         return {k: v[:n] for k, v in out.items()}
+
+
+def own_forward(module: nn.Module) -> nn.Module:
+    """Give ``module`` a ``forward`` of its own: a copy of its class's with a code object of
+    its own.  Dynamo keeps compiled graphs, and counts recompiles against its
+    ``recompile_limit`` (8), per code object: every TapNet (every network of one class) shared
+    one, so from the ninth graph compiled in a process torch.compile ran the network eagerly,
+    silently.  The copy goes with the module."""
+    f = type(module).forward
+    fresh = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    fresh.__kwdefaults__, fresh.__qualname__ = f.__kwdefaults__, f.__qualname__
+    module.forward = types.MethodType(fresh, module)
+    return module
+
+
+def strict_recompiles():
+    """While running compiled code: hitting dynamo's recompile limit raises (the caller then
+    runs eagerly, with a warning) instead of running eagerly unseen."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(fail_on_recompile_limit_hit=True)
 
 
 def compile_taps(model: nn.Module, taps: dict[str, tuple[str, str]], layout: Layout | None, batch_size: int,

@@ -285,3 +285,27 @@ def test_inductor_keeps_its_compiled_code_in_the_feature_cache(image_tree, tmp_p
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1  # the second run found the compiled graph there
     extract(folder_source(image_tree, "val"), tmp_path / "c.h5", small_config(compile="on", cache=None))
     assert not (tmp_path / "cache").exists()  # --no-cache writes nothing into the working directory
+
+
+@needs_compiler
+def test_every_network_compiled_in_one_process_really_compiles():
+    """Dynamo counts recompiles per code object: every TapNet shared TapNet.forward's, so from
+    the ninth graph of a process (here the third, the limit lowered to 2) torch.compile ran
+    the network eagerly while featx believed it compiled (and recorded a compile of ~0 s)."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    from featx.graph import compile_taps
+
+    traced = []
+    with dynamo_config.patch(recompile_limit=2):
+        for width in (4, 5, 6):
+            net = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.ReLU(), torch.nn.Conv2d(width, 5, 3))
+            x = torch.randn(2, 3, 12, 12)
+            before = counters["stats"]["unique_graphs"]
+            with torch.inference_mode():
+                compiled = compile_taps(net.eval(), {"t": ("2", "avg")}, None, 2, x[:1])
+                assert compiled is not None
+                torch.testing.assert_close(compiled(x)["t"], net(x).mean((2, 3)))
+            traced.append(counters["stats"]["unique_graphs"] - before)
+    assert traced[0] > 0 and traced == [traced[0]] * 3  # the third was traced and compiled as the first
