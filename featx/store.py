@@ -45,7 +45,11 @@ from featx.errors import FeatxError
 from featx.files import atomic_path, cause, check_free_space, clean_stale_temps, os_error, temp_path, write_text
 
 FORMAT_NAME = "featx.features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: netCDF-4 dimensions, `complete` as int8, resizable failure datasets (v1 still read)
+# netCDF-4 marks a dimension that has no variable by this NAME on its dimension scale (then
+# its length): netCDF-C, h5netcdf and so xarray name the axes of featx's datasets by it
+NOT_A_VARIABLE = "This is a netCDF dimension but not a netCDF variable."
+ROW_DIM, CLASS_DIM, FAILURE_DIM = "item", "class", "failure"
 _SHARD = re.compile(r"shard-(\d{12})-(\d{12})\.npz$")
 _STR = h5py.string_dtype("utf-8")
 
@@ -370,13 +374,15 @@ class StoreWriter:
         f.attrs.update(extra_attrs or {})
         f.attrs["format"] = FORMAT_NAME
         f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["complete"] = False
+        f.attrs["complete"] = np.int8(0)  # an integer: readers without HDF5 enums (rhdf5, PyTables) see it
         f.attrs["default_tap"] = default_tap
         f.attrs["n_items"] = self.n_items
         f.attrs["n_rows"] = n_rows
         f.attrs["n_failed"] = n_failed
         f.attrs["feature_dtype"] = self.dtype
-        f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR)
+        row_dim = _dimension(f, ROW_DIM, n_rows)
+        with_dims(f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR),
+                  _dimension(f, CLASS_DIM, len(classes)))
         grp = f.create_group("taps", track_order=True)  # taps listed in extraction order
         for name, spec in self.taps.items():
             d = int(spec["dim"])
@@ -384,11 +390,16 @@ class StoreWriter:
             ds = grp.create_dataset(name, shape=(n_rows, d), dtype=self.dtype,
                                     chunks=(chunk_rows, max(d, 1)) if n_rows and d else None)
             ds.attrs.update({k: v for k, v in spec.items() if k != "dim"})
+            with_dims(ds, row_dim, _dimension(f, feature_dim(name), d))
         f["features"] = grp[default_tap]  # a hard link: the default tap, no copy
-        labels = f.create_dataset("labels", shape=(n_rows,), dtype=np.int64)
-        ids = f.create_dataset("ids", shape=(n_rows,), dtype=_STR)
-        fid = f.create_dataset("failed/ids", shape=(n_failed,), dtype=_STR)
-        freason = f.create_dataset("failed/reasons", shape=(n_failed,), dtype=_STR)
+        labels = with_dims(f.create_dataset("labels", shape=(n_rows,), dtype=np.int64), row_dim)
+        ids = with_dims(f.create_dataset("ids", shape=(n_rows,), dtype=_STR), row_dim, coordinate=False)
+        # chunked and resizable even when empty: h5repack's filters and appending tools take them
+        failures = f.create_group("failed")
+        failure_dim = _dimension(failures, FAILURE_DIM, n_failed, resizable=True)
+        fid, freason = (with_dims(failures.create_dataset(k, shape=(n_failed,), dtype=_STR, maxshape=(None,),
+                                                          chunks=(1024,)), failure_dim, coordinate=False)
+                        for k in ("ids", "reasons"))
         r = q = 0
         for s in shards:  # one shard in memory at a time, in item order
             with np.load(s.path) as z:
@@ -405,9 +416,33 @@ class StoreWriter:
                 fid[q:q + m] = z["failed_ids"].astype(object)
                 freason[q:q + m] = z["failed_reasons"].astype(object)
                 r, q = r + k, q + m
-        f.attrs["complete"] = True
+        f.attrs["complete"] = np.int8(1)
         f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         f.close()
+
+
+def feature_dim(tap: str) -> str:
+    """The netCDF dimension of a tap's features (``feature_<tap>``, at the file's root)."""
+    return f"feature_{tap}"
+
+
+def _dimension(group: h5py.Group, name: str, size: int, resizable: bool = False) -> h5py.Dataset:
+    """A netCDF-4 dimension without a variable: a dimension scale that holds no data (HDF5
+    allocates nothing for it), named as netCDF-C names such dimensions."""
+    ds = group.create_dataset(name, shape=(size,), dtype="f4", maxshape=(None,) if resizable else None,
+                              chunks=(1024,) if resizable else None)
+    ds.make_scale(f"{NOT_A_VARIABLE}{size:10d}")
+    return ds
+
+
+def with_dims(ds: h5py.Dataset, *dims: h5py.Dataset, coordinate: bool = True) -> h5py.Dataset:
+    """Attach dimension scales to a dataset's axes; with ``coordinate``, name ``ids`` as its
+    coordinate (CF's ``coordinates`` attribute: xarray shows each row's id beside its values)."""
+    for axis, dim in enumerate(dims):
+        ds.dims[axis].attach_scale(dim)
+    if coordinate:
+        ds.attrs["coordinates"] = "ids"
+    return ds
 
 
 @contextlib.contextmanager

@@ -60,11 +60,11 @@ def test_not_a_featx_file(tmp_path):
 
 
 def test_newer_format_is_refused(tmp_path):
-    shutil.copy(GOLDEN, tmp_path / "v2.h5")
-    with h5py.File(tmp_path / "v2.h5", "a") as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(FeatxError, match="format version 2.*Upgrade"):
-        FeatureStore(tmp_path / "v2.h5")
+    shutil.copy(GOLDEN, tmp_path / "v3.h5")
+    with h5py.File(tmp_path / "v3.h5", "a") as f:
+        f.attrs["format_version"] = 3
+    with pytest.raises(FeatxError, match="format version 3.*Upgrade"):
+        FeatureStore(tmp_path / "v3.h5")
 
 
 def test_incomplete_flag_is_respected(tmp_path):
