@@ -292,6 +292,22 @@ def _live_backbones(names: list[str] | None) -> dict:
 
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--to", "to", type=click.Choice(["parquet", "npz", "csv"]), required=True,
+              help="parquet (pandas, polars, DuckDB), npz (numpy) or csv (small files only).")
+@click.option("--tap", default=None, help="the tap to export (default: the file's default tap).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="the file to write (default: PATH with the format's suffix).")
+@click.option("--columns", is_flag=True, help="parquet: one column per feature (f0, f1...) instead of one list column.")
+def export(path, to, tap, out, columns):
+    """Write a feature file's rows (id, label, class, features of one tap) as parquet, npz or csv."""
+    from featx.export import export_file
+
+    written = export_file(path, to, tap, out, columns)
+    _say(f"wrote {written}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
 def info(path, as_json):
     """Describe a feature file (or the progress of an unfinished extraction)."""

@@ -739,6 +739,13 @@ class FeatureStore:
     def labels(self) -> np.ndarray:
         return self._f["labels"][...]
 
+    def ids_between(self, start: int, end: int) -> list[str]:
+        """The ids of rows ``start`` to ``end`` (a chunk, without reading every id)."""
+        return [s.decode() if isinstance(s, bytes) else s for s in self._f["ids"][start:end]]
+
+    def labels_between(self, start: int, end: int) -> np.ndarray:
+        return self._f["labels"][start:end]
+
     @property
     def ids(self) -> list[str]:
         return [s.decode() if isinstance(s, bytes) else s for s in self._f["ids"][...]]

@@ -101,3 +101,81 @@ def test_empty_failure_datasets_are_chunked_and_resizable(image_tree, tmp_path):
     with FeatureStore(r.out) as a, FeatureStore(tmp_path / "packed.h5") as b:
         np.testing.assert_array_equal(a.features(), b.features())
         assert a.ids == b.ids and b.failed == []
+
+
+def test_parquet_export_reads_the_same_rows_in_pandas_pyarrow_and_duckdb(multi_tap, tmp_path, run_cli):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pd = pytest.importorskip("pandas")
+    duckdb = pytest.importorskip("duckdb")
+    out = tmp_path / "f.parquet"
+    r = run_cli("export", multi_tap, "--to", "parquet", "--tap", "features.4@max", "--out", out)
+    assert r.exit_code == 0, r.output
+    with FeatureStore(multi_tap) as fs:
+        x, ids, labels, classes = fs.features("features.4@max"), fs.ids, fs.labels, fs.classes
+        attrs = fs.attrs
+    table = pq.read_table(out)
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert meta["featx_tap"] == "features.4@max" and json.loads(meta["featx"])["backbone"] == attrs["backbone"]
+    df = pd.read_parquet(out)
+    assert df["id"].tolist() == ids and df["label"].tolist() == labels.tolist()
+    assert df["class"].tolist() == [classes[k] for k in labels]
+    np.testing.assert_array_equal(np.stack(df["features"].to_numpy()), x)
+    rows = duckdb.sql(f"SELECT id, label, class, features FROM read_parquet('{out}') ORDER BY id").fetchall()
+    order = np.argsort(ids)
+    assert [row[0] for row in rows] == [ids[i] for i in order]
+    np.testing.assert_array_equal(np.asarray([row[3] for row in rows], np.float32), x[order])
+
+
+def test_every_export_equals_the_file_whatever_the_chunk(multi_tap, tmp_path):
+    """Chunk by chunk (here 2 rows at a time) gives what one chunk gives; an unlabelled row
+    exports as a missing label and class, never as the last class."""
+    pytest.importorskip("pyarrow")
+    pd = pytest.importorskip("pandas")
+    import h5py as _h5
+
+    from featx.export import export_file
+
+    with _h5.File(multi_tap, "a") as f:
+        f["labels"][1] = -1
+    with FeatureStore(multi_tap) as fs:
+        x, ids, labels = fs.features(), fs.ids, fs.labels
+    chunk = 2 * x.shape[1] * 4
+    z = np.load(export_file(multi_tap, "npz", out=tmp_path / "f.npz", chunk_bytes=chunk))
+    np.testing.assert_array_equal(z["features"], x)
+    assert z["ids"].tolist() == ids and z["labels"].tolist() == labels.tolist() and z["classes"].tolist() == ["blue",
+                                                                                                              "red"]
+    df = pd.read_csv(export_file(multi_tap, "csv", out=tmp_path / "f.csv", chunk_bytes=chunk))
+    assert df["id"].tolist() == ids and pd.isna(df["label"][1]) and pd.isna(df["class"][1])
+    np.testing.assert_allclose(df[[f"f{j}" for j in range(x.shape[1])]].to_numpy(), x, rtol=1e-6)
+    wide = pd.read_parquet(export_file(multi_tap, "parquet", out=tmp_path / "w.parquet", columns=True,
+                                       chunk_bytes=chunk))
+    np.testing.assert_array_equal(wide[[f"f{j}" for j in range(x.shape[1])]].to_numpy(), x)
+    assert pd.isna(wide["label"][1]) and pd.isna(wide["class"][1]) and len(wide) == len(ids)
+
+
+def test_export_refusals_are_one_sentence(multi_tap, tmp_path, run_cli, monkeypatch):
+    from featx import export
+
+    r = run_cli("export", multi_tap, "--to", "npz", "--tap", "nope", "--out", tmp_path / "x.npz")
+    assert r.exit_code == 1 and "has no tap 'nope'" in r.stderr and not (tmp_path / "x.npz").exists()
+    monkeypatch.setattr(export, "CSV_MAX_BYTES", 100)
+    r = run_cli("export", multi_tap, "--to", "csv", "--out", tmp_path / "x.csv")
+    assert r.exit_code == 1 and "export --to parquet or npz instead" in r.stderr and not (tmp_path / "x.csv").exists()
+    r = run_cli("export", multi_tap, "--to", "npz", "--out", multi_tap)
+    assert r.exit_code == 1 and "is the feature file itself" in r.stderr
+    shutil.move(multi_tap, tmp_path / "moved.h5")
+    (tmp_path / "f.h5.parts").mkdir()  # an extraction that has not finished
+    r = run_cli("export", tmp_path / "f.h5", "--to", "npz")
+    assert r.exit_code == 1 and "is not complete yet" in r.stderr
+
+
+def test_the_pandas_snippet_of_format_md_keeps_unlabelled_rows_missing(multi_tap):
+    pd = pytest.importorskip("pandas")
+    with h5py.File(multi_tap, "a") as f:
+        f["labels"][0] = -1
+    with h5py.File(multi_tap, "r") as f:  # FORMAT.md's snippet
+        df = pd.DataFrame(f["features"][:], index=pd.Index(f["ids"].asstr()[:], name="id"))
+        df["label"] = pd.Categorical.from_codes(f["labels"][:], categories=list(f["classes"].asstr()[:]))
+    with FeatureStore(multi_tap) as fs:
+        assert df.index.tolist() == fs.ids and pd.isna(df["label"].iloc[0])
+        assert df["label"].iloc[1:].tolist() == [fs.classes[k] for k in fs.labels[1:]]
