@@ -30,7 +30,7 @@ from featx.files import atomic_path
 from featx.store import FeatureStore
 
 FORMATS = {"parquet": ".parquet", "npz": ".npz", "csv": ".csv"}
-CHUNK_BYTES = 64 << 20  # features read (and written) at a time
+CHUNK_BYTES = 32 << 20  # features (as float32) read and written at a time: parquet's row group
 CSV_MAX_BYTES = 256 << 20  # text written (about 12 bytes a value): a larger file belongs in parquet
 
 
@@ -48,7 +48,7 @@ def export_file(path: str | os.PathLike, to: str, tap: str | None = None, out: s
         tap = tap or fs.default_tap
         ds = fs.dataset(tap)  # refuses a tap the file lacks, in one sentence
         n, dim = ds.shape
-        rows = max(1, int(chunk_bytes) // max(1, dim * ds.dtype.itemsize))
+        rows = max(1, int(chunk_bytes) // max(1, dim * 4))
         chunks = [(s, min(n, s + rows)) for s in range(0, n, rows)]
         if to == "csv" and n * dim * 12 > CSV_MAX_BYTES:
             raise FeatxError(f"{path} has {n} x {dim} values (about {n * dim * 12 >> 20} MB as text), more than csv "
