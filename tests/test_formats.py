@@ -179,3 +179,10 @@ def test_the_pandas_snippet_of_format_md_keeps_unlabelled_rows_missing(multi_tap
     with FeatureStore(multi_tap) as fs:
         assert df.index.tolist() == fs.ids and pd.isna(df["label"].iloc[0])
         assert df["label"].iloc[1:].tolist() == [fs.classes[k] for k in fs.labels[1:]]
+
+
+def test_export_where_it_cannot_write_is_one_sentence_and_leaves_nothing(multi_tap, tmp_path, run_cli):
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    r = run_cli("export", multi_tap, "--to", "parquet", "--out", tmp_path / "afile" / "x.parquet")
+    assert r.exit_code == 1 and "afile" in r.stderr and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data", "f.h5"]
