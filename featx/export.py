@@ -98,7 +98,7 @@ def _npz(fs: FeatureStore, tap: str, chunks: list, tmp: Path, columns: bool) -> 
     width = max([len(i) for s, e in chunks for i in fs.ids_between(s, e)] or [1])
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for name, dtype, shape, part in (
-                ("features", ds.dtype, (n, dim), lambda s, e: ds[s:e]),
+                ("features", fs.feature_dtype, (n, dim), lambda s, e: ds[s:e]),
                 ("labels", np.dtype(np.int64), (n,), fs.labels_between),
                 ("ids", np.dtype(f"<U{width}"), (n,), lambda s, e: np.asarray(fs.ids_between(s, e), f"<U{width}"))):
             with z.open(f"{name}.npy", "w", force_zip64=True) as f:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import FEATX, make_jpegs  # noqa: E402
+from bench_extract import FEATX, child, make_jpegs  # noqa: E402
 from benchlib import ROOT, machine, update_section  # noqa: E402
 
 RESULTS = ROOT / "cache" / "bench_backbones.json"  # each model's last figures
@@ -142,8 +142,7 @@ def main() -> None:
         dino = dino_folder(tmp)
         for key in a.models:
             backbone = f"hf:{dino}" if key == "hf:DINO" else key
-            r = json.loads(run([sys.executable, "-c", CHILD, backbone, str(forward), str(a.n),
-                                str(tmp / f"inductor-{len(rows)}")]).stdout.strip().splitlines()[-1])
+            r = child(CHILD, backbone, forward, a.n, tmp / f"inductor-{len(rows)}")
             r.update(model=MODELS[key], backbone=key)
             if a.n_command:
                 weights = str(dino) if key == "hf:DINO" else "none"

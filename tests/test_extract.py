@@ -211,10 +211,20 @@ def test_shards_bound_memory(image_tree, tmp_path, weights_file, monkeypatch):
     assert sizes == [4, 4, 4]  # rows leave memory every 4 items, however many images there are
 
 
-def test_float16_storage(image_tree, tmp_path):
-    r = extract(folder_source(image_tree, "val"), tmp_path / "f.h5", small_config(dtype="float16"))
-    with h5py.File(r.out) as f:
-        assert f["features"].dtype == np.float16
+def test_float16_storage_holds_half_values_that_every_reader_takes(image_tree, tmp_path, weights_file):
+    """--dtype float16 rounds to half precision but stores float32, shuffled and deflated:
+    netCDF-C crashes on a half-float dataset (tests/test_formats.py opens one)."""
+    full = extract(folder_source(image_tree, "val"), tmp_path / "f32.h5", small_config(weights_file))
+    half = extract(folder_source(image_tree, "val"), tmp_path / "f16.h5", small_config(weights_file, dtype="float16"))
+    with h5py.File(half.out) as f:
+        ds = f["features"]
+        assert ds.dtype == np.float32 and ds.compression == "gzip" and ds.shuffle
+        assert f.attrs["feature_dtype"] == "float16"
+    with FeatureStore(full.out) as a, FeatureStore(half.out) as b:
+        assert a.feature_dtype == np.float32 and b.feature_dtype == np.float16
+        x = a.features()
+        np.testing.assert_array_equal(b.features(), x.astype(np.float16).astype(np.float32))
+        assert not np.array_equal(b.features(), x)  # rounded, not float32 relabelled
 
 
 def test_provenance_attributes(image_tree, tmp_path, weights_file):

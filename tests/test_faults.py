@@ -116,6 +116,23 @@ def test_a_full_disk_keeps_the_previous_bundle_and_report(model, tmp_path, run_c
     assert (report / "confusion_matrix.png").read_bytes() == png and temps(tmp_path) == []
 
 
+@pytest.mark.parametrize("to", ["parquet", "npz", "csv"])
+def test_export_on_a_full_disk_keeps_the_previous_export(tmp_path, run_cli, to):
+    if to == "parquet":
+        pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(0)
+    features = write_store(tmp_path / "f.h5", rng.standard_normal((60, 64), dtype=np.float32),
+                           rng.integers(0, 2, 60), ["a", "b"])
+    out = tmp_path / f"x.{to}"
+    r = run_cli("export", features, "--to", to, "--out", out)
+    assert r.exit_code == 0, r.output
+    before = out.read_bytes()
+    assert len(before) > 4000
+    r = featx("export", features, "--to", to, "--out", out, fsize=2000)
+    one_sentence(r, f"cannot write the export {out}: the file grew beyond the size this system allows.")
+    assert out.read_bytes() == before and temps(tmp_path) == []
+
+
 def test_finetune_on_a_full_disk_is_one_sentence_and_leaves_no_partial_file(photos, tmp_path):
     run = tmp_path / "run"
     r = featx("finetune", photos, *SMALL, "--epochs", "1", "--out", run, fsize=200_000)  # mobilenet_v2: 9 MB

@@ -4,6 +4,7 @@ reader that crashes fails its test instead of killing pytest."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -20,13 +21,16 @@ from featx.store import FeatureStore
 from conftest import small_config
 
 
+def _multi_tap(image_tree, path, dtype="float32"):
+    (image_tree / "val" / "red" / "broken.jpg").write_bytes(b"not a jpeg")
+    return extract(folder_source(image_tree, "val"), path,
+                   small_config(layers=("features.4", "features"), pools=("avg", "max"), dtype=dtype)).out
+
+
 @pytest.fixture
 def multi_tap(image_tree, tmp_path):
     """A file of two taps (one pooled two ways) with one failed image."""
-    (image_tree / "val" / "red" / "broken.jpg").write_bytes(b"not a jpeg")
-    r = extract(folder_source(image_tree, "val"), tmp_path / "f.h5",
-                small_config(layers=("features.4", "features"), pools=("avg", "max")))
-    return r.out
+    return _multi_tap(image_tree, tmp_path / "f.h5")
 
 
 def child(code: str, *args) -> dict:
@@ -74,6 +78,56 @@ def test_xarray_names_the_dimensions_and_taps_share_the_rows(multi_tap, engine):
     assert got["complete"] == 1
 
 
+@pytest.mark.parametrize("engine", ["netcdf4", "h5netcdf"])
+def test_a_float16_file_opens_in_xarray_without_crashing_the_reader(image_tree, tmp_path, engine):
+    """netCDF-C has no half type: a float16 dataset segfaulted the netcdf4 engine (and
+    netCDF4-python, R's ncdf4). In a child process, so a crash fails this test only."""
+    pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf" if engine == "h5netcdf" else "netCDF4")
+    path = _multi_tap(image_tree, tmp_path / "half.h5", dtype="float16")
+    got = child(XARRAY, path, engine)
+    assert got["taps"]["features.4@max"] == ["item", "feature_features.4@max"] and got["complete"] == 1
+    with FeatureStore(path) as fs:
+        assert fs.feature_dtype == np.float16 and got["ids"] == fs.ids
+        x = fs.features("features.4@max")
+    np.testing.assert_array_equal(np.asarray(got["tap"], np.float32), x)
+    np.testing.assert_array_equal(x, x.astype(np.float16).astype(np.float32))  # half values
+
+
+NETCDF_TAPS = """
+import json, sys, netCDF4
+with netCDF4.Dataset(sys.argv[1]) as f:
+    print(json.dumps({k: v[:].tolist() for k, v in f["taps"].variables.items()}))
+"""
+
+
+def test_half_taps_of_many_chunks_read_back_exactly_in_hdf5_and_netcdf(tmp_path):
+    """featx deflates a float16 file's chunks itself, in threads: rows arrive in units that do
+    not line up with the chunks, and the last chunk is partly past the end."""
+    from featx.store import StoreWriter
+
+    rng = np.random.default_rng(0)
+    n, unit = 1000, 300
+    taps = {"wide": rng.standard_normal((n, 1024), dtype=np.float32) * 100,
+            "narrow": np.maximum(rng.standard_normal((n, 3), dtype=np.float32), 0)}  # ReLU-like zeros
+    w = StoreWriter(tmp_path / "h.h5", {"backbone": "b", "fingerprint": "{}"}, n,
+                    {k: {"dim": v.shape[1]} for k, v in taps.items()}, unit_items=unit, dtype="float16").prepare()
+    for s in range(0, n, unit):
+        w.add(s, min(n, s + unit), {k: v[s:s + unit] for k, v in taps.items()}, np.zeros(min(unit, n - s), np.int64),
+              [f"i{k}" for k in range(s, min(n, s + unit))], [], [])
+    path = w.finalize(["c"], "wide")
+    with h5py.File(path) as f:
+        ds = f["taps/wide"]
+        assert ds.chunks == (256, 1024) and ds.id.get_num_chunks() == 4  # 3 whole chunks and an edge chunk
+    with FeatureStore(path) as fs:
+        for k, x in taps.items():
+            np.testing.assert_array_equal(fs.features(k), x.astype(np.float16).astype(np.float32))
+    if importlib.util.find_spec("netCDF4") is not None:
+        got = child(NETCDF_TAPS, path)
+        for k, x in taps.items():
+            np.testing.assert_array_equal(np.asarray(got[k], np.float32), x.astype(np.float16).astype(np.float32))
+
+
 def test_complete_is_an_integer_that_pytables_reads(multi_tap):
     pytest.importorskip("tables")
     with h5py.File(multi_tap) as f:
@@ -103,7 +157,7 @@ def test_empty_failure_datasets_are_chunked_and_resizable(image_tree, tmp_path):
         assert a.ids == b.ids and b.failed == []
 
 
-def test_parquet_export_reads_the_same_rows_in_pandas_pyarrow_and_duckdb(multi_tap, tmp_path, run_cli):
+def test_parquet_export_reads_the_same_rows_in_pandas_pyarrow_duckdb_and_polars(multi_tap, tmp_path, run_cli):
     pq = pytest.importorskip("pyarrow.parquet")
     pd = pytest.importorskip("pandas")
     duckdb = pytest.importorskip("duckdb")
@@ -124,6 +178,12 @@ def test_parquet_export_reads_the_same_rows_in_pandas_pyarrow_and_duckdb(multi_t
     order = np.argsort(ids)
     assert [row[0] for row in rows] == [ids[i] for i in order]
     np.testing.assert_array_equal(np.asarray([row[3] for row in rows], np.float32), x[order])
+    if importlib.util.find_spec("polars") is not None:  # FORMAT.md's polars line (a test extra)
+        import polars as pl
+
+        frame = pl.read_parquet(out)
+        assert frame["id"].to_list() == ids and frame["label"].to_list() == labels.tolist()
+        np.testing.assert_array_equal(frame["features"].to_numpy().astype(np.float32), x)
 
 
 def test_every_export_equals_the_file_whatever_the_chunk(multi_tap, tmp_path):
@@ -151,6 +211,16 @@ def test_every_export_equals_the_file_whatever_the_chunk(multi_tap, tmp_path):
                                        chunk_bytes=chunk))
     np.testing.assert_array_equal(wide[[f"f{j}" for j in range(x.shape[1])]].to_numpy(), x)
     assert pd.isna(wide["label"][1]) and pd.isna(wide["class"][1]) and len(wide) == len(ids)
+
+
+def test_npz_export_of_a_float16_file_keeps_half_precision(image_tree, tmp_path):
+    from featx.export import export_file
+
+    path = _multi_tap(image_tree, tmp_path / "half.h5", dtype="float16")
+    z = np.load(export_file(path, "npz", out=tmp_path / "half.npz"))
+    with FeatureStore(path) as fs:
+        assert z["features"].dtype == np.float16
+        np.testing.assert_array_equal(z["features"].astype(np.float32), fs.features())
 
 
 def test_export_refusals_are_one_sentence(multi_tap, tmp_path, run_cli, monkeypatch):

@@ -18,6 +18,7 @@ source is one module here, registered in :data:`SOURCES`; it imports its optiona
 
 from __future__ import annotations
 
+import difflib
 import contextlib
 import importlib
 import os
@@ -240,6 +241,22 @@ def _embedded_forward(self, x):
     z = getattr(self, EMBEDDING)(type(self).featx_embed(self, x))
     head = getattr(self, HEAD, None)
     return z if head is None else head(z)
+
+
+def on_meta(make) -> nn.Module:
+    """A skeleton in eval mode: ``make("meta")`` builds it on the meta device (no memory, no
+    initialisation); a model whose construction reads tensor values fails there, and then
+    ``make()`` builds it where its library builds by default (the CPU)."""
+    try:
+        return make("meta").eval()
+    except (NotImplementedError, RuntimeError):
+        return make().eval()
+
+
+def close_to(name: str, candidates) -> str:
+    """" (close: a, b)" for the names near a mistyped one, else ""."""
+    close = difflib.get_close_matches(name, list(candidates), n=6, cutoff=0.5)
+    return f" (close: {', '.join(close)})" if close else ""
 
 
 def add_embedding(model: nn.Module, embed) -> nn.Module:

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featx.adapters import (file_weights, EMBEDDING, Backbone, Source, add_embedding, add_head, read_state, seeded, weights_in)
+from featx.adapters import (file_weights, EMBEDDING, Backbone, Source, add_embedding, add_head, on_meta, read_state, seeded,
+                            weights_in)
 from featx.errors import FeatxError, root_cause
 from featx.heads import Head
 from featx.preprocess import Preprocess
@@ -140,11 +141,7 @@ class HFBackbone(Backbone):
 
     def skeleton(self, w: Weights | None = None) -> nn.Module:
         meta = w.meta if w is not None else None
-        try:
-            tower = self._with_head(meta, "meta") if meta else self._build("meta")
-        except (NotImplementedError, RuntimeError):
-            tower = self._with_head(meta) if meta else self._build()
-        return tower.eval()
+        return on_meta(lambda *on: self._with_head(meta, *on) if meta else self._build(*on))
 
     # -- what the network is --------------------------------------------------------------
     def preprocess(self, w: Weights) -> Preprocess:

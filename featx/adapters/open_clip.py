@@ -20,7 +20,8 @@ import warnings
 import torch
 from torch import nn
 
-from featx.adapters import (file_weights, EMBEDDING, Backbone, Source, add_embedding, add_head, read_state, seeded)
+from featx.adapters import (file_weights, EMBEDDING, Backbone, Source, add_embedding, add_head, close_to, on_meta, read_state,
+                            seeded)
 from featx.errors import FeatxError, root_cause
 from featx.heads import Head
 from featx.preprocess import Preprocess
@@ -139,11 +140,7 @@ class OpenClipBackbone(Backbone):
 
     def skeleton(self, w: Weights | None = None) -> nn.Module:
         meta = w.meta if w is not None else None
-        try:
-            tower = self._with_head(meta, "meta") if meta else self._tower(self._clip("meta"))
-        except (NotImplementedError, RuntimeError):
-            tower = self._with_head(meta) if meta else self._tower(self._clip())
-        return tower.eval()
+        return on_meta(lambda *on: self._with_head(meta, *on) if meta else self._tower(self._clip(*on)))
 
     # -- what the network is --------------------------------------------------------------
     def preprocess(self, w: Weights) -> Preprocess:
@@ -187,11 +184,8 @@ class OpenClipSource(Source):
         oc = _open_clip()
         arch, _, tag = model_name.partition("/")
         if arch not in oc.list_models():
-            import difflib
-
-            close = difflib.get_close_matches(arch, oc.list_models(), n=6, cutoff=0.5)
-            hint = f" (close: {', '.join(close)})" if close else ""
-            raise FeatxError(f"unknown open_clip model {arch!r}{hint}; `featx backbones --source open_clip` lists "
+            raise FeatxError(f"unknown open_clip model {arch!r}{close_to(arch, oc.list_models())}; "
+                             "`featx backbones --source open_clip` lists "
                              "them.")
         if tag and tag not in oc.list_pretrained_tags_by_model(arch):
             raise FeatxError(f"open_clip has no weights {tag!r} for {arch}; its tags: "

@@ -10,7 +10,6 @@ timm's ``feature_info``.  timm is imported here only.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import warnings
@@ -18,8 +17,8 @@ import warnings
 import torch
 from torch import nn
 
-from featx.adapters import (file_weights, EMBEDDING, Backbone, Source, add_embedding, add_head, embedding_width, hub_file,
-                            read_state, seeded, weights_in)
+from featx.adapters import (file_weights, EMBEDDING, Backbone, Source, add_embedding, add_head, close_to, embedding_width,
+                            hub_file, on_meta, read_state, seeded, weights_in)
 from featx.errors import FeatxError
 from featx.heads import Head
 from featx.preprocess import Preprocess
@@ -121,11 +120,7 @@ class TimmBackbone(Backbone):
 
     def skeleton(self, w: Weights | None = None) -> nn.Module:
         meta = (w.meta if w is not None else None) or None
-        try:
-            model = self._with_head(meta, "meta") if meta else add_embedding(self._create("meta"), _pre_logits)
-        except (NotImplementedError, RuntimeError):  # a model whose construction reads tensor values
-            model = self._with_head(meta) if meta else add_embedding(self._create(), _pre_logits)
-        return model.eval()
+        return on_meta(lambda *on: self._with_head(meta, *on) if meta else add_embedding(self._create(*on), _pre_logits))
 
     # -- what the network is --------------------------------------------------------------
     def preprocess(self, w: Weights) -> Preprocess:
@@ -180,10 +175,10 @@ class TimmSource(Source):
         arch, _, tag = model_name.partition(".")
         if not timm.is_model(arch) or tag and model_name not in timm.list_models(model_name, pretrained=True):
             if timm.is_model(arch):  # a tag it lacks: its tags
-                close = timm.list_models(f"{arch}.*", pretrained=True)[:8]
+                tags = timm.list_models(f"{arch}.*", pretrained=True)[:8]
+                hint = f" (close: {', '.join(tags)})" if tags else ""
             else:
-                close = difflib.get_close_matches(arch, timm.list_models(), n=6, cutoff=0.5)
-            hint = f" (close: {', '.join(close)})" if close else ""
+                hint = close_to(arch, timm.list_models())
             raise FeatxError(f"unknown timm model {model_name!r}{hint}; `featx backbones --source timm --filter "
                              f"'*{model_name.split('.')[0][:6]}*'` lists similar ones.")
         return TimmBackbone(f"timm:{model_name}", model_name)
