@@ -30,6 +30,7 @@ BUNDLE_VERSION = 1
 # before loading.  tests/test_bundle.py fits every kind of model fit can build and holds this
 # set equal to the types they need, no more and no less.
 ALLOWED_TYPES = frozenset({
+    "featx.knn.CosineKNN",
     "featx.linear.FastLogisticRegression",
     "featx.online.StreamingClassifier",
     "sklearn.calibration._CalibratedClassifier",

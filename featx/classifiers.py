@@ -93,6 +93,20 @@ def _online_mlp(n_samples, class_weight, seed, params):
                                    lr=2e-3, class_weight=class_weight, random_state=seed)
 
 
+def _knn(n_samples, class_weight, seed, params):
+    from featx.knn import CosineKNN
+
+    if class_weight is not None:
+        raise FeatxError("--clf knn has no class weights (its neighbours vote as they are); leave out --class-weight, "
+                         "or use another --clf.")
+    return [], CosineKNN(k=int(params.pop("k", 20)), vote=params.pop("vote", "temperature"),
+                         temperature=float(params.pop("temperature", 0.07)))
+
+
+def _knn_online(n_samples, class_weight, seed, params):
+    raise FeatxError("knn has no streamed model: out of core, featx.fit keeps its training rows as float16 instead.")
+
+
 @dataclass(frozen=True)
 class ClassifierSpec:
     """Everything ``featx fit`` knows about one ``--clf``."""
@@ -110,6 +124,8 @@ class ClassifierSpec:
     min_per_class: int = 1  # in memory, rows of every class it needs (svm: its 5 calibration folds)
     min_rows: int = 1  # in memory, training rows it needs (mlp: its 10 % early-stopping hold-out, 2 rows)
     why_min: str = ""
+    scaled: bool = True  # its Pipeline standardises the features first (knn: no, it normalises each row)
+    neighbours: bool = False  # one neighbour search scores the whole grid (CosineKNN.search_scores)
 
 
 # Kornblith, Shlens & Le (2019) choose the L2 strength of a multinomial logistic regression
@@ -124,6 +140,9 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {s.name: s for s in (
     ClassifierSpec("mlp", _mlp, _online_mlp, {"alpha": [1e-4, 1e-3, 1e-2]}, "alpha", ("alpha", "hidden"),
                    epochs_from_validation=True, sample_weights=True, min_rows=11,
                    why_min="it holds out 10 % of them (2 rows at least) for early stopping"),
+    # DINO's kNN evaluation: k = 20 and T = 0.07 there; the hold-out chooses among these
+    ClassifierSpec("knn", _knn, _knn_online, {"k": [1, 5, 10, 20, 50, 100], "vote": ["temperature", "majority"]},
+                   "k", ("k", "vote", "temperature"), scaled=False, neighbours=True),
 )}
 DEFAULT_GRIDS = {name: spec.grid for name, spec in CLASSIFIERS.items()}
 
@@ -147,9 +166,10 @@ def make_classifier(name: str, n_samples: int | None = None, class_weight: str |
     """
     from sklearn.pipeline import Pipeline
 
-    steps, clf = spec_of(name).build(n_samples, class_weight, seed, params)
+    spec = spec_of(name)
+    steps, clf = spec.build(n_samples, class_weight, seed, params)
     _check_no_params_left(name, params)
-    return Pipeline([("scale", _scaler())] + steps + [("clf", clf)])
+    return Pipeline([("scale", _scaler() if spec.scaled else "passthrough")] + steps + [("clf", clf)])
 
 
 def make_online_classifier(name: str, n_samples: int, class_weight: str | None = None, seed: int = 0, **params):
@@ -199,7 +219,7 @@ def parse_grid(text: str) -> dict[str, list]:
         if not values:
             raise FeatxError(f"--grid {text!r}: {k} has no values.")
         k = k.strip()
-        lowest = 0 if k == "alpha" else 1 if k in ("hidden", "n_components", "max_iter") else None
+        lowest = 0 if k == "alpha" else 1 if k in ("hidden", "n_components", "max_iter", "k") else None
         for x in values:
             if not np.isfinite(x) or (x < lowest if lowest is not None else x <= 0):
                 allowed = f">= {lowest}" if lowest is not None else "> 0"

@@ -165,6 +165,9 @@ def main():
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="precision of the stored features. float16: values rounded to half precision (finite only "
                    "below 65504), stored compressed: about half the size, read at about half the speed.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: store the mean of each image's features and its mirror image's (one forward pass of "
+                   "twice the images); predict does the same for a model fitted on such features.")
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: record undecodable images in the file and go on.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="images larger than this are refused as decompression bombs.")
@@ -177,8 +180,8 @@ def main():
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="the .h5 file to write.")
 @click.option("--overwrite", is_flag=True, help="replace an output made with other settings.")
 def extract(data, split, root, backbone, weights, layers, pools, image_size, grayscale, batch_size, workers,
-            device, precision, channels_last, dtype, on_error, max_pixels, seed, unit_size, no_cache, compile_mode,
-            out, overwrite):
+            device, precision, channels_last, dtype, tta, on_error, max_pixels, seed, unit_size, no_cache,
+            compile_mode, out, overwrite):
     """Extract features of the images in DATA (folder, CSV/TSV list, or torchvision:NAME).
 
     Under torchrun every rank takes its share of the work units and rank 0 assembles the
@@ -193,7 +196,7 @@ def extract(data, split, root, backbone, weights, layers, pools, image_size, gra
         image_size=image_size, grayscale=grayscale, batch_size=batch_size, workers=workers, device=device,
         precision=precision, channels_last=channels_last, dtype=dtype, on_error=on_error,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, seed=seed, cache=None if no_cache else "auto",
-        compile=compile_mode,
+        compile=compile_mode, tta=tta,
     )
     r = extract_data(data, out, config, split=split, root=root, overwrite=overwrite, unit_items=unit_size, log=_say)
     if not from_env().is_main:
@@ -429,13 +432,15 @@ def _existing_cache():
               "(default: a quarter of RAM).")
 @click.option("--drop-nonfinite", is_flag=True, help="leave out rows whose features hold nan or inf (saying how "
               "many) instead of refusing the file.")
+@click.option("--knn-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="--clf knn keeps its training rows in the model: float16 halves the bundle and its memory.")
 @seed_option
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="model bundle to write (.skops).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
               help="directory for metrics.json and confusion_matrix.png (default: <out>-report/).")
 @click.option("--pickle", "use_pickle", is_flag=True, help="save with joblib/pickle instead of skops (unsafe to share).")
 def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, memory_budget, drop_nonfinite,
-        seed, out, report_dir, use_pickle):
+        knn_dtype, seed, out, report_dir, use_pickle):
     """Train a classifier on FEATURES, select its hyper-parameters, save a model bundle."""
     from featx.classifiers import parse_grid
     from featx.fit import fit_file
@@ -443,7 +448,8 @@ def fit(features, clf, tap, val_path, val_fraction, search, grid, class_weight, 
 
     spec = parse_grid(grid) if grid else search
     result = fit_file(features, out, clf, tap, val_path, val_fraction, spec, None if class_weight == "none" else
-                      class_weight, memory_budget, seed, report_dir, use_pickle, drop_nonfinite, log=click.echo)
+                      class_weight, memory_budget, seed, report_dir, use_pickle, drop_nonfinite, log=click.echo,
+                      knn_dtype=knn_dtype)
     for row in result.search:
         click.echo(f"  {json.dumps(row['params'])}: val accuracy {row['val_accuracy']:.4f} ({row['seconds']:.1f}s)")
     if result.params:

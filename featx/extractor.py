@@ -39,6 +39,7 @@ from featx.store import featx_version, make_header
 from featx.taps import TapRecorder, check_pool, map_sizes, widths
 
 SMALL_MAPS = ("refuse", "skip")
+TTA = ("none", "flip")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ExtractConfig:
     cache: str | None = "auto"  # feature cache: auto ($FEATX_CACHE or cache/features/), a folder, or None
     compile: str = "auto"  # auto (measured on the first batches: graph.worth_compiling) | on | off
     small_maps: str = "refuse"  # a gridK tap whose map is smaller than KxK: refuse | skip (sweep: leave it out)
+    tta: str = "none"  # none | flip: each vector the mean of the image's and its mirror image's
 
 
 def _recall(folder: Path | None, made: str) -> str | None:
@@ -111,6 +113,8 @@ class FeatureExtractor:
             raise FeatxError(f"--compile {c.compile!r} is not one of {', '.join(COMPILE_MODES)}.")
         if c.small_maps not in SMALL_MAPS:
             raise FeatxError(f"small_maps {c.small_maps!r} is not one of {', '.join(SMALL_MAPS)}.")
+        if c.tta not in TTA:
+            raise FeatxError(f"--tta {c.tta!r} is not one of {', '.join(TTA)}.")
         self.device = resolve_device(c.device)
         if c.batch_size is None:
             c.batch_size = 128 if self.device.type == "cuda" else 32
@@ -153,7 +157,7 @@ class FeatureExtractor:
             taps=tuple((name, layer, p) for name, (layer, p) in self.taps.items()),
             preprocessing=self.pre.to_json(), precision=str(self.amp or torch.float32).replace("torch.", ""),
             dtype=c.dtype, channels_last=bool(c.channels_last), device=self.device.type,
-            torch_version=str(torch.__version__), max_pixels=int(c.max_pixels))
+            torch_version=str(torch.__version__), max_pixels=int(c.max_pixels), tta=c.tta)
         self.compiled: CompiledTaps | None = None
         self._compile_decided = False
         self._todo: int | None = None  # images the job sends through the network (prepare)
@@ -228,7 +232,7 @@ class FeatureExtractor:
             freeze = should_freeze(self.backbone.gflop(self.pre.crop), n_images)
         example = self.normalize(torch.zeros(1, 3, self.pre.crop, self.pre.crop, dtype=torch.uint8))
         with torch.inference_mode(), self._autocast():
-            self.compiled = compile_taps(self.model, self.taps, self.layout, self.config.batch_size, example,
+            self.compiled = compile_taps(self.model, self.taps, self.layout, self.net_batch, example,
                                          freeze=freeze, cache_dir=inductor)
         if self.compiled is not None:
             CompileRecord(inductor).note(self._graph_key(freeze), self.compiled.compile_seconds)
@@ -239,7 +243,7 @@ class FeatureExtractor:
 
     def _graph_key(self, freeze: bool) -> str:
         """What decides the compiled graph (inductor compiles it again when any of it changes)."""
-        return json.dumps([self.config.backbone, sorted(self.taps.items()), self.pre.crop, self.config.batch_size,
+        return json.dumps([self.config.backbone, sorted(self.taps.items()), self.pre.crop, self.net_batch,
                            freeze, self.setting.precision, self.config.channels_last, self.device.type,
                            str(torch.__version__)])
 
@@ -258,6 +262,12 @@ class FeatureExtractor:
             self._compile(left, freeze)
             if self.compiled is not None:  # measure what it gained, for the next run's decision
                 self._timing = (key, per_image, [])
+
+    @property
+    def net_batch(self) -> int:
+        """Images in each batch the network sees: twice the batch size with ``--tta flip``
+        (each image and its mirror image in one forward pass)."""
+        return self.config.batch_size * (2 if self.config.tta == "flip" else 1)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
@@ -278,12 +288,17 @@ class FeatureExtractor:
         probing = self.config.compile == "auto" and not self._compile_decided and self._todo is not None
         t0 = time.perf_counter()
         with torch.inference_mode():
+            b = x.shape[0]
+            if self.config.tta == "flip":  # the mirror images in the same forward pass
+                x = torch.cat([x, x.flip(-1)])
             x = self.normalize(x)
             with self._autocast():
                 out = self._compiled(x, wanted) if self.compiled is not None else None
                 if out is None:
                     with TapRecorder(self.model, wanted, self.layout) as rec:
                         out = rec.run(x)
+                if self.config.tta == "flip":
+                    out = {k: (v[:b].float() + v[b:].float()) / 2 for k, v in out.items()}
             out = {k: v[:n].float().cpu().numpy() for k, v in out.items()}  # on the CPU: the work is done
         if n == self.config.batch_size and len(wanted) == len(self.taps):  # a full batch, every tap
             if probing:
@@ -329,6 +344,7 @@ class FeatureExtractor:
             **({"weights_seed": w.seed} if w.seed is not None else {}),
             "taps": self.taps, "pooling": {name: p for name, (_, p) in self.taps.items()},
             "preprocessing": self.pre.to_json(), "precision": self.setting.precision, "compile": c.compile,
+            "tta": c.tta,
             "torch_version": str(torch.__version__), "torchvision_version": torchvision.__version__,
             "source": source.describe(), "setting": self.setting.to_json(),
         }

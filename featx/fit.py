@@ -28,6 +28,7 @@ from featx.classifiers import fit_params, make_classifier, make_online_classifie
 from featx import bundle
 from featx.errors import FeatxError
 from featx.files import check_output
+from featx.knn import unit_rows
 from featx.linear import FastLogisticRegression
 from featx.metrics import evaluate, evaluate_batches, evaluate_store, write_report
 from featx.online import batch_rows
@@ -150,7 +151,9 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     check_class_sizes(clf, y_tr, classes, "the training rows left after the hold-out" if X_val is not None else
                       "the training rows")
     points = _grid_points(grid) or [{}]
-    if spec.path_in_memory and set(grid) <= {spec.regularisation}:
+    if spec.neighbours:
+        rows, best_pipe = _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed)
+    elif spec.path_in_memory and set(grid) <= {spec.regularisation}:
         rows, best_pipe = _logreg_path(X_tr, y_tr, X_val, y_val, sorted(p.get("C", 1.0) for p in points),
                                        class_weight)
     else:
@@ -181,6 +184,17 @@ def _grid_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed):
             best_pipe = pipe
         rows.append({"params": p, "val_accuracy": acc, "seconds": time.perf_counter() - t})
     return rows, best_pipe
+
+
+def _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed):
+    """kNN: one neighbour search with the largest k scores every grid point."""
+    t = time.perf_counter()
+    pipe = make_classifier(clf, n_samples=len(X_tr), class_weight=class_weight, seed=seed).fit(X_tr, y_tr)
+    scores = pipe.named_steps["clf"].search_scores(pipe[:-1].transform(X_val), y_val, points)
+    seconds = (time.perf_counter() - t) / len(points)
+    rows = [{"params": p, "val_accuracy": acc, "seconds": seconds} for p, acc in zip(points, scores)]
+    best = max(rows, key=lambda r: r["val_accuracy"])  # the first of equals: the order of the grid
+    return rows, make_classifier(clf, n_samples=len(X_tr), seed=seed, **best["params"]).fit(X_tr, y_tr)
 
 
 def _logreg_path(X_tr, y_tr, X_val, y_val, Cs, class_weight):
@@ -236,6 +250,9 @@ def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "log
     budget = memory_budget if memory_budget is not None else default_budget()
     spec = spec_of(clf)
     grid = spec.grid if search == "auto" else ({} if search == "none" else dict(search))
+    if spec.neighbours:
+        return _neighbours_out_of_core(store, tap, clf, val, val_fraction, grid, class_weight, seed, budget, rows,
+                                       val_rows, t0)
     reg = spec.regularisation
     everything = [Part(store, tap, rows)] + ([Part(val, tap, val_rows)] if val is not None else [])
     if not grid and val is None:
@@ -268,6 +285,58 @@ def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "log
     pipe, final = _fit_streamed(clf, refit_parts, chosen["params"], None, class_weight, seed, budget, epochs)
     return FitResult(pipe, chosen["params"], rows, val_metrics, time.perf_counter() - t0, True,
                      _convergence(final, epochs is not None))
+
+
+def _neighbours_out_of_core(store, tap, clf, val, val_fraction, grid, class_weight, seed, budget, rows, val_rows,
+                            t0) -> FitResult:
+    """kNN larger than the budget as float32: its training rows are read block by block,
+    scaled to unit length and kept as float16 (half the bytes), which must fit the budget;
+    the validation rows are scored a block at a time."""
+    y = store.labels
+    classes = np.unique(np.concatenate([y if rows is None else y[rows]] +
+                                       ([val.labels if val_rows is None else val.labels[val_rows]] if val else [])))
+    make_classifier(clf, class_weight=class_weight)  # refuses class weights before reading anything
+    block = buffer_rows_for(budget, store.dim(tap))
+    everything = [Part(store, tap, rows)] + ([Part(val, tap, val_rows)] if val is not None else [])
+    kept = sum(int(p.mask().sum()) for p in everything) * store.dim(tap) * 2
+    if kept > budget:
+        raise FeatxError(f"--clf knn keeps every training row in the model: {kept >> 20} MB of them as float16 exceed "
+                         f"the memory budget of {budget >> 20} MB; raise --memory-budget if the memory is there, or "
+                         "use another --clf.")
+
+    def fitted(parts, params):
+        n = int(sum(p.mask().sum() for p in parts))
+        unit, labels, at = np.empty((n, store.dim(tap)), np.float16), np.empty(n, np.int64), 0
+        for X, yb in RowStream(parts, block, seed=seed).sequential():
+            unit[at:at + len(X)], labels[at:at + len(X)] = unit_rows(X), yb
+            at += len(X)
+        pipe = make_classifier(clf, n_samples=n, seed=seed, **params)
+        pipe.named_steps["clf"].set_params(dtype="float16").keep_rows(unit, labels, classes)
+        return pipe
+
+    if not grid and val is None:
+        return FitResult(fitted(everything, {}), {}, [], None, time.perf_counter() - t0, True)
+    if val is None:
+        use = np.arange(len(y)) if rows is None else np.flatnonzero(rows)
+        tr, va = holdout(y[use], val_fraction, seed)
+        train_parts, val_parts = [Part(store, tap, _mask(use[tr], len(y)))], [Part(store, tap, _mask(use[va], len(y)))]
+    else:
+        train_parts, val_parts = [Part(store, tap, rows)], [Part(val, tap, val_rows)]
+    points = _grid_points(grid) or [{}]
+    t = time.perf_counter()
+    pipe = fitted(train_parts, {})
+    knn, hits, n = pipe.named_steps["clf"], np.zeros(len(points)), 0
+    for X, yb in RowStream(val_parts, block, seed=seed).sequential():
+        hits += np.asarray(knn.search_scores(X, yb, points)) * len(X)
+        n += len(X)
+    seconds = (time.perf_counter() - t) / len(points)
+    search = [{"params": p, "val_accuracy": float(h / n), "seconds": seconds} for p, h in zip(points, hits)]
+    chosen = max(search, key=lambda r: r["val_accuracy"])  # the first of equals: the order of the grid
+    knn.set_params(**chosen["params"])
+    val_metrics = evaluate_batches(pipe, RowStream(val_parts, block, seed=seed).sequential())
+    del pipe, knn
+    return FitResult(fitted(everything, chosen["params"]), chosen["params"], search, val_metrics,
+                     time.perf_counter() - t0, True)
 
 
 def _mask(idx: np.ndarray, n: int) -> np.ndarray:
@@ -408,10 +477,13 @@ def _finite_rows(store: FeatureStore, tap: str, bad: np.ndarray, drop: bool, log
 def fit_file(features: str | os.PathLike, out: str | os.PathLike, clf: str = "logreg", tap: str | None = None,
              val_path=None, val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
              memory_budget: int | None = None, seed: int = 0, report_dir=None, use_pickle: bool = False,
-             drop_nonfinite: bool = False, log=None) -> FitResult:
+             drop_nonfinite: bool = False, log=None, knn_dtype: str = "float32") -> FitResult:
     """``featx fit``: fit on a feature file (:func:`fit_store`), save the bundle with the
     features' provenance, and write the validation report (default ``<out>-report/``).
-    Both output locations are checked before the fit: no bundle without its report."""
+    Both output locations are checked before the fit: no bundle without its report.
+    ``knn_dtype``: how ``--clf knn`` keeps its training rows in the bundle."""
+    if knn_dtype != "float32" and clf != "knn":
+        raise FeatxError(f"--knn-dtype is for --clf knn (the model that keeps its training rows), not --clf {clf}.")
     report_dir = Path(report_dir or os.path.splitext(str(out))[0] + "-report")
     check_output(out, what="--out")
     check_output(report_dir, folder=True, what="--report")
@@ -420,6 +492,8 @@ def fit_file(features: str | os.PathLike, out: str | os.PathLike, clf: str = "lo
         prov = store.provenance(tap)
         result = fit_store(store, tap, clf, val_path, val_fraction, search, class_weight, seed, memory_budget, log,
                            drop_nonfinite)
+    if knn_dtype == "float16":  # out of core, knn keeps float16 rows already
+        result.pipeline.named_steps["clf"].keep_as(knn_dtype)
     meta = {**prov, "clf": clf, "params": result.params, "fit_seconds": result.fit_seconds,
             "features_file": os.path.abspath(features), "out_of_core": result.out_of_core,
             "convergence": result.convergence}

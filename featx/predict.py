@@ -75,7 +75,8 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
     m = b.meta
     config = ExtractConfig(backbone=m["backbone"], weights=_weights_for(m, weights), layers=(m["layer"],),
                            pools=(m["pool"],), preprocessing=m.get("preprocessing"), batch_size=batch_size,
-                           workers=workers, device=device, seed=m.get("weights_seed") or 0, compile=compile)
+                           workers=workers, device=device, seed=m.get("weights_seed") or 0, compile=compile,
+                           tta=m.get("tta", "none"))
     source = _open_inputs(inputs)
     extractor = FeatureExtractor(config)  # the weights are identified, not loaded or compiled yet
     if m.get("weights_sha256") and extractor.weights.sha256 != m["weights_sha256"]:

@@ -40,10 +40,19 @@ class FeatureSetting:
     torch_version: str  # another torch: other kernels
     max_pixels: int  # decides which images have a row at all
     code_version: int = FEATURE_CODE_VERSION  # featx's own decoding, pooling and batching code
+    tta: str = "none"  # test-time augmentation: none | flip (the mean of an image's and its mirror's vectors)
+
+    def _fields(self) -> dict:
+        """The record as a dict; ``tta`` only when it is not ``none``, so that the digests
+        and fingerprints of settings from before flip averaging stay what they were."""
+        d = asdict(self)
+        if d["tta"] == "none":
+            del d["tta"]
+        return d
 
     def common(self) -> dict:
         """The fields shared by every tap (all but ``taps``)."""
-        return {k: v for k, v in asdict(self).items() if k != "taps"}
+        return {k: v for k, v in self._fields().items() if k != "taps"}
 
     def tap(self, name: str) -> dict:
         """The setting of one stored tap: what decides its vectors."""
@@ -59,10 +68,10 @@ class FeatureSetting:
     def fingerprint(self, source: dict) -> dict:
         """What an unfinished run must match to be continued: the whole setting and the
         items (``source``: :func:`featx.sources.source_fingerprint`)."""
-        return {"setting": asdict(self), "source": source}
+        return {"setting": self._fields(), "source": source}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self._fields(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "FeatureSetting":
@@ -105,6 +114,7 @@ FROM_CONFIG = {
     "channels_last": "channels_last",
     "device": "device",
     "max_pixels": "max_pixels",
+    "tta": "tta",
 }
 # The unit size is no option of ExtractConfig but of extract(): it decides how a job is cut
 # into units (part of an unfinished run's identity, with the fingerprint), never its vectors.

@@ -839,7 +839,7 @@ class FeatureStore:
         return {"backbone": a.get("backbone"), "weights": a.get("weights"), "weights_sha256": a.get("weights_sha256"),
                 "weights_path": a.get("weights_path", ""), "weights_seed": a.get("weights_seed"), "tap": tap, "layer": ti.get("layer"),
                 "pool": ti.get("pool"), "preprocessing": a.get("preprocessing"), "dim": self.dim(tap),
-                "classes": self.classes}
+                "tta": a.get("tta", "none"), "classes": self.classes}
 
 
 def nonfinite(X: np.ndarray) -> np.ndarray:
@@ -853,7 +853,7 @@ def check_provenance(expected: dict, got: dict, what: str) -> None:
     Backbone, weights, tap, pooling and width must agree, and the class lists must be equal,
     or the label numbers would mean different classes.
     """
-    for key in ("backbone", "weights_sha256", "layer", "pool", "dim"):
+    for key in ("backbone", "weights_sha256", "layer", "pool", "dim", "tta"):
         a, b = expected.get(key), got.get(key)
         if a is not None and b is not None and str(a) != str(b):
             raise FeatxError(f"{what} does not match the model: {key} is {b!r} there but the model was "

@@ -40,14 +40,16 @@ def update_section(name: str, markdown: str) -> None:
     print(f"updated section {name} of {BENCHMARKS}")
 
 
-def fashion_features(out_dir: Path, layers=(), pools=("avg",), image_size: int = 96) -> tuple[Path, Path]:
-    """Extract mobilenet_v2 (ImageNet) features of Fashion-MNIST train/test with featx."""
+def fashion_features(out_dir: Path, layers=(), pools=("avg",), image_size: int = 96, extra=(),
+                     suffix: str = "") -> tuple[Path, Path]:
+    """Extract mobilenet_v2 (ImageNet) features of Fashion-MNIST train/test with featx
+    (``extra``: more options of `featx extract`; files fm_{split}{suffix}.h5)."""
     featx = [str(ROOT / ".venv" / "bin" / "featx")] if (ROOT / ".venv" / "bin" / "featx").exists() else ["featx"]
     subprocess.run(["python3", str(ROOT / "scripts" / "prepare_fashion_mnist.py"), "--root", str(ROOT / "data")],
                    check=True)
     paths = []
     for split in ("train", "test"):
-        out = out_dir / f"fm_{split}.h5"
+        out = out_dir / f"fm_{split}{suffix}.h5"
         cmd = featx + ["extract", "torchvision:FashionMNIST", "--root", str(ROOT / "data"), "--split", split,
                        "--backbone", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--image-size", str(image_size),
                        "--out", str(out)]
@@ -55,6 +57,6 @@ def fashion_features(out_dir: Path, layers=(), pools=("avg",), image_size: int =
             cmd += ["--layer", layer]
         for p in pools:
             cmd += ["--pool", p]
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd + list(extra), check=True)
         paths.append(out)
     return paths[0], paths[1]

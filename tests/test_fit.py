@@ -18,7 +18,7 @@ def blobs(n=300, d=20, k=3, seed=0):
     return X.astype(np.float32), y
 
 
-@pytest.mark.parametrize("clf", ["logreg", "svm", "mlp"])
+@pytest.mark.parametrize("clf", ["logreg", "svm", "mlp", "knn"])
 def test_each_classifier_separates_blobs(clf):
     X, y = blobs()
     Xt, yt = blobs(seed=0)[0][:100] + 0.1, blobs()[1][:100]

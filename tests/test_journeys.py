@@ -85,7 +85,7 @@ def test_extract_info_and_plain_class_folders(features, run_cli):
         assert fs.ids[0] == "cherry/cherry 0.jpg" and fs.dim() == 32 * 4
 
 
-@pytest.mark.parametrize("clf", ["logreg", "svm", "mlp"])
+@pytest.mark.parametrize("clf", ["logreg", "svm", "mlp", "knn"])
 def test_fit_evaluate_predict_with_every_classifier(clf, features, photos, tmp_path, run_cli):
     train, test = features
     model = tmp_path / f"{clf}.skops"

@@ -81,11 +81,11 @@ def test_a_new_classifier_is_one_entry(monkeypatch):
 
         return [], KNeighborsClassifier(n_neighbors=params.pop("k", 5))
 
-    spec = ClassifierSpec("knn", knn, None, {"k": [1, 3, 9]}, "k", ("k",))
-    monkeypatch.setitem(CLASSIFIERS, "knn", spec)
+    spec = ClassifierSpec("sk_knn", knn, None, {"k": [1, 3, 9]}, "k", ("k",))
+    monkeypatch.setitem(CLASSIFIERS, "sk_knn", spec)
     rng = np.random.default_rng(1)
     y = np.repeat([0, 1], 40)
     X = (rng.normal(size=(80, 4)) + 3 * y[:, None]).astype(np.float32)
-    r = fit_arrays(X, y, "knn")
+    r = fit_arrays(X, y, "sk_knn")
     assert r.params["k"] in (1, 3, 9) and len(r.search) == 3 and r.val_accuracy > 0.9
-    assert classifiers.make_classifier("knn", k=2).named_steps["clf"].n_neighbors == 2
+    assert classifiers.make_classifier("sk_knn", k=2).named_steps["clf"].n_neighbors == 2

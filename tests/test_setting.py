@@ -23,7 +23,7 @@ BASE = FeatureSetting(backbone="mobilenet_v2", weights_sha256="ab" * 32, taps=((
                       device="cpu", torch_version="2.14.1", max_pixels=1000)
 OTHER = {"backbone": "resnet50", "weights_sha256": "cd" * 32, "taps": (("features", "features", "max"),),
          "preprocessing": '{"crop": 64}', "precision": "bfloat16", "dtype": "float16", "channels_last": False,
-         "device": "cuda", "torch_version": "2.15.0", "max_pixels": 2000, "code_version": 99}
+         "device": "cuda", "torch_version": "2.15.0", "max_pixels": 2000, "code_version": 99, "tta": "flip"}
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(FeatureSetting)])
@@ -34,6 +34,14 @@ def test_every_field_changes_the_fingerprint_and_the_cache_digest(field):
     name = changed.taps[0][0]
     assert changed.tap_digest(name) != BASE.tap_digest(name)
     assert FeatureSetting.from_json(changed.to_json()) == changed
+
+
+def test_settings_without_flip_keep_the_digests_they_had():
+    """Flip averaging came later: a setting without it must keep its cache digest and resume
+    fingerprint, or every cached vector and unfinished run would be lost."""
+    assert BASE.tap_digest("features") == "5562bd5d970ca00b36a5cd78ec762b8d"  # computed before the tta field
+    assert "tta" not in BASE.to_json() and "tta" not in BASE.fingerprint({})["setting"]
+    assert FeatureSetting.from_json(BASE.to_json()) == BASE
 
 
 def test_every_option_either_decides_a_field_or_is_listed_with_its_reason():
@@ -61,6 +69,7 @@ CHANGES = {
     "dtype": {"dtype": "float16"},
     "channels_last": {"channels_last": False},
     "max_pixels": {"max_pixels": 1000},
+    "tta": {"tta": "flip"},
 }
 
 
