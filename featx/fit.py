@@ -30,7 +30,7 @@ from featx.errors import FeatxError
 from featx.files import check_output
 from featx.knn import unit_rows
 from featx.linear import FastLogisticRegression
-from featx.metrics import evaluate, evaluate_batches, evaluate_store, write_report
+from featx.metrics import evaluate, evaluate_batches, evaluate_store, scores, write_report
 from featx.online import batch_rows
 from featx.sources import stratified_holdout
 from featx.store import FeatureStore, check_provenance, nonfinite
@@ -151,15 +151,17 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     check_class_sizes(clf, y_tr, classes, "the training rows left after the hold-out" if X_val is not None else
                       "the training rows")
     points = _grid_points(grid) or [{}]
+    val_metrics = None
     if spec.neighbours:
-        rows, best_pipe = _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed)
+        rows, best_pipe, val_metrics = _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed)
     elif spec.path_in_memory and set(grid) <= {spec.regularisation}:
         rows, best_pipe = _logreg_path(X_tr, y_tr, X_val, y_val, sorted(p.get("C", 1.0) for p in points),
                                        class_weight)
     else:
         rows, best_pipe = _grid_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed)
     best = max(rows, key=lambda r: r["val_accuracy"])  # the first of equals: the order of the grid
-    val_metrics = evaluate(best_pipe, X_val, y_val) if report else None
+    if report and val_metrics is None:
+        val_metrics = evaluate(best_pipe, X_val, y_val)
     pipe = best_pipe
     if refit:
         X_all, y_all = np.concatenate([X_tr, X_val]), np.concatenate([y_tr, y_val])
@@ -187,14 +189,20 @@ def _grid_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed):
 
 
 def _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed):
-    """kNN: one neighbour search with the largest k scores every grid point."""
+    """kNN: one neighbour search with the largest k scores every grid point, and gives the
+    validation metrics of the best (no second search)."""
     t = time.perf_counter()
     pipe = make_classifier(clf, n_samples=len(X_tr), class_weight=class_weight, seed=seed).fit(X_tr, y_tr)
-    scores = pipe.named_steps["clf"].search_scores(pipe[:-1].transform(X_val), y_val, points)
+    knn = pipe.named_steps["clf"]
+    full = [{**knn.get_params(), **p} for p in points]
+    sims, labels = knn.neighbours(pipe[:-1].transform(X_val), max(int(p["k"]) for p in full))
+    probas = [knn.votes(sims, labels, int(p["k"]), p["vote"]) for p in full]
+    accs = [float(np.mean(knn.classes_[proba.argmax(1)] == y_val)) for proba in probas]
     seconds = (time.perf_counter() - t) / len(points)
-    rows = [{"params": p, "val_accuracy": acc, "seconds": seconds} for p, acc in zip(points, scores)]
-    best = max(rows, key=lambda r: r["val_accuracy"])  # the first of equals: the order of the grid
-    return rows, make_classifier(clf, n_samples=len(X_tr), seed=seed, **best["params"]).fit(X_tr, y_tr)
+    rows = [{"params": p, "val_accuracy": acc, "seconds": seconds} for p, acc in zip(points, accs)]
+    i = int(np.argmax(accs))  # the first of equals: the order of the grid
+    best = make_classifier(clf, n_samples=len(X_tr), seed=seed, **points[i]).fit(X_tr, y_tr)
+    return rows, best, scores(y_val, knn.classes_[probas[i].argmax(1)], knn.classes_, probas[i])
 
 
 def _logreg_path(X_tr, y_tr, X_val, y_val, Cs, class_weight):

@@ -110,7 +110,8 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
                 idx[qs:qs + b] = labels[best_i].cpu().numpy()
         return sims, idx
 
-    def _votes(self, sims: np.ndarray, labels: np.ndarray, k: int, vote: str) -> np.ndarray:
+    def votes(self, sims: np.ndarray, labels: np.ndarray, k: int, vote: str) -> np.ndarray:
+        """Class probabilities from the neighbours :meth:`neighbours` found (the first ``k``)."""
         s, c = sims[:, :k], labels[:, :k]
         w = np.exp((s - 1.0) / self.temperature) if vote == "temperature" else np.ones_like(s)  # exp(-x) overflows never
         proba = np.zeros((len(s), len(self.classes_)), np.float64)
@@ -119,7 +120,7 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         sims, labels = self.neighbours(X, self.k)
-        return self._votes(sims, labels, int(self.k), self.vote)
+        return self.votes(sims, labels, int(self.k), self.vote)
 
     def predict(self, X) -> np.ndarray:
         proba = self.predict_proba(X)
@@ -131,6 +132,6 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
         most = max(int(p.get("k", self.k)) for p in points)
         sims, labels = self.neighbours(X, most)
         y = np.asarray(y)
-        return [float(np.mean(self.classes_[np.argmax(self._votes(sims, labels, int(p.get("k", self.k)),
+        return [float(np.mean(self.classes_[np.argmax(self.votes(sims, labels, int(p.get("k", self.k)),
                                                                    p.get("vote", self.vote)), 1)] == y))
                 for p in points]

@@ -163,3 +163,23 @@ def test_float16_keeps_half_the_rows_bytes_and_the_same_answers(tmp_path, run_cl
     assert (full.pipeline.predict(Xq) == half.pipeline.predict(Xq)).mean() >= 0.99
     r = run_cli("fit", path, "--clf", "logreg", "--knn-dtype", "float16", "--out", tmp_path / "m.skops")
     assert r.exit_code == 1 and "--knn-dtype is for --clf knn" in r.stderr and not (tmp_path / "m.skops").exists()
+
+
+def test_the_validation_report_is_the_chosen_models_own(monkeypatch):
+    """The search's neighbours give the report: the same numbers as scoring the chosen model
+    on the hold-out again, without a second search."""
+    from featx.fit import holdout
+    from featx.metrics import evaluate
+
+    X, y = sectors(600, seed=6)
+    y = np.where(np.random.default_rng(1).random(len(y)) < 0.1, 1 - y, y)
+    r = fit_arrays(X, y, "knn", refit=False)
+    tr, va = holdout(y, 0.2, 0)
+    again = evaluate(r.pipeline, X[va], y[va])
+    assert r.val_metrics["accuracy"] == again["accuracy"] == r.val_accuracy
+    assert r.val_metrics["confusion_matrix"] == again["confusion_matrix"]
+    searches = []
+    real = CosineKNN.neighbours
+    monkeypatch.setattr(CosineKNN, "neighbours", lambda self, *a: searches.append(1) or real(self, *a))
+    fit_arrays(X, y, "knn")
+    assert len(searches) == 1  # one search for the grid and the report
