@@ -266,12 +266,7 @@ def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "log
     if not grid and val is None:
         pipe, est = _fit_streamed(clf, everything, {}, None, class_weight, seed, budget)
         return FitResult(pipe, {}, [], None, time.perf_counter() - t0, True, _convergence(est))
-    if val is None:
-        use = np.arange(len(y)) if rows is None else np.flatnonzero(rows)
-        tr, va = holdout(y[use], val_fraction, seed)
-        train_parts, val_parts = [Part(store, tap, _mask(use[tr], len(y)))], [Part(store, tap, _mask(use[va], len(y)))]
-    else:
-        train_parts, val_parts = [Part(store, tap, rows)], [Part(val, tap, val_rows)]
+    train_parts, val_parts = _split_parts(store, tap, val, val_fraction, seed, rows, val_rows)
     rows, best = [], None
     path = grid.get(reg)
     for other in _grid_points({k: v for k, v in grid.items() if k != reg}):
@@ -324,12 +319,7 @@ def _neighbours_out_of_core(store, tap, clf, val, val_fraction, grid, class_weig
 
     if not grid and val is None:
         return FitResult(fitted(everything, {}), {}, [], None, time.perf_counter() - t0, True)
-    if val is None:
-        use = np.arange(len(y)) if rows is None else np.flatnonzero(rows)
-        tr, va = holdout(y[use], val_fraction, seed)
-        train_parts, val_parts = [Part(store, tap, _mask(use[tr], len(y)))], [Part(store, tap, _mask(use[va], len(y)))]
-    else:
-        train_parts, val_parts = [Part(store, tap, rows)], [Part(val, tap, val_rows)]
+    train_parts, val_parts = _split_parts(store, tap, val, val_fraction, seed, rows, val_rows)
     points = _grid_points(grid) or [{}]
     t = time.perf_counter()
     pipe = fitted(train_parts, {})
@@ -345,6 +335,18 @@ def _neighbours_out_of_core(store, tap, clf, val, val_fraction, grid, class_weig
     del pipe, knn
     return FitResult(fitted(everything, chosen["params"]), chosen["params"], search, val_metrics,
                      time.perf_counter() - t0, True)
+
+
+def _split_parts(store: FeatureStore, tap: str, val: FeatureStore | None, val_fraction: float, seed: int,
+                 rows: np.ndarray | None, val_rows: np.ndarray | None) -> tuple[list[Part], list[Part]]:
+    """The training and validation rows out of core: the ``val`` file, or the same
+    stratified hold-out of the (selected) training rows as in memory."""
+    if val is not None:
+        return [Part(store, tap, rows)], [Part(val, tap, val_rows)]
+    y = store.labels
+    use = np.arange(len(y)) if rows is None else np.flatnonzero(rows)
+    tr, va = holdout(y[use], val_fraction, seed)
+    return [Part(store, tap, _mask(use[tr], len(y)))], [Part(store, tap, _mask(use[va], len(y)))]
 
 
 def _mask(idx: np.ndarray, n: int) -> np.ndarray:
