@@ -64,7 +64,7 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16; got {self.dtype!r}")
         self.classes_, yi = np.unique(y, return_inverse=True)
-        self.train_ = unit_rows(X).astype(self.dtype)
+        self.train_ = unit_rows(X).astype(self.dtype, copy=False)  # unit_rows made the copy
         self.train_labels_ = yi.astype(np.int64)
         return self
 
