@@ -408,7 +408,7 @@ def nan_files(tmp_path):
     return write_store(tmp_path / "nan.h5", X, y, ["a", "b", "c"]), X, y
 
 
-@pytest.mark.parametrize("clf", ["logreg", "svm", "mlp"])
+@pytest.mark.parametrize("clf", ["logreg", "svm", "mlp", "knn"])
 @pytest.mark.parametrize("budget", [None, "4KB"])
 def test_nan_features_name_file_tap_and_row(nan_files, tmp_path, run_cli, clf, budget):
     path, X, y = nan_files
@@ -468,10 +468,12 @@ def test_assembly_checks_free_space_first_and_keeps_the_shards(photos, tmp_path,
     assert r.units_done == 0 and r.n_rows == 16  # assembled from the kept shards
 
 
-def test_a_write_failure_during_assembly_is_a_sentence_not_a_segfault(photos, tmp_path):
+@pytest.mark.parametrize("dtype, fsize", [("float32", 40_000),  # each shard is ~21 KB, the file ~85 KB
+                                          ("float16", 14_000)])  # ~11 KB; ~18 KB of chunks deflated in threads
+def test_a_write_failure_during_assembly_is_a_sentence_not_a_segfault(photos, tmp_path, dtype, fsize):
     out = tmp_path / "f.h5"
-    args = ["extract", photos, *SMALL, "--unit-size", "4", "--no-cache", "--out", out]
-    r = featx(*args, fsize=40_000)  # each shard is ~21 KB, the file ~85 KB
+    args = ["extract", photos, *SMALL, "--unit-size", "4", "--no-cache", "--dtype", dtype, "--out", out]
+    r = featx(*args, fsize=fsize)
     one_sentence(r, f"cannot assemble {out}: the file grew beyond the size this system allows.")
     assert not out.exists() and len(list(parts_dir(out).glob("shard-*"))) == 4 and temps(tmp_path) == []
     r = featx(*args)

@@ -107,3 +107,15 @@ def test_a_model_fitted_on_flip_features_predicts_with_flip(tmp_path, run_cli, w
     assert max(abs(got[k] - want[k]) for k in want) < 0.05
     r = run_cli("evaluate", tmp_path / "m.skops", tmp_path / "none.h5")
     assert r.exit_code == 1 and "tta is 'none' there but the model was trained on tta 'flip'" in r.stderr
+
+
+def test_an_unknown_tta_is_one_sentence(tmp_path, run_cli):
+    import pytest
+
+    from featx.errors import FeatxError
+    from featx.extractor import FeatureExtractor
+
+    with pytest.raises(FeatxError, match="--tta 'mirror' is not one of none, flip"):
+        FeatureExtractor(small_config(tta="mirror"))
+    r = run_cli("extract", photos(tmp_path / "p", n=1), "--tta", "mirror", "--out", tmp_path / "f.h5")
+    assert r.exit_code == 2 and "'mirror' is not one of 'none', 'flip'" in r.output and not (tmp_path / "f.h5").exists()
