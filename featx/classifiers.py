@@ -100,7 +100,7 @@ def _knn(n_samples, class_weight, seed, params):
         raise FeatxError("--clf knn has no class weights (its neighbours vote as they are); leave out --class-weight, "
                          "or use another --clf.")
     return [], CosineKNN(k=int(params.pop("k", 20)), vote=params.pop("vote", "temperature"),
-                         temperature=float(params.pop("temperature", 0.07)))
+                         temperature=float(params.pop("temperature", 0.07)), blocks=params.pop("blocks", None))
 
 
 def _knn_online(n_samples, class_weight, seed, params):

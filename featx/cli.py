@@ -420,7 +420,8 @@ def _existing_cache():
 @main.command()
 @click.argument("features", type=click.Path())
 @click.option("--clf", type=click.Choice(list(CLASSIFIERS)), default="logreg", show_default=True)
-@click.option("--tap", default=None, help="stored tap to fit on (default: the file's default tap).")
+@click.option("--tap", multiple=True, help="stored tap to fit on (default: the file's default tap); repeat it to "
+              "combine taps side by side (each standardised on its own; predict extracts them all in one pass).")
 @click.option("--val", "val_path", type=click.Path(), default=None, help="a validation feature file for selection.")
 @click.option("--val-fraction", type=FiniteFloat(0.01, 0.9), default=0.2, show_default=True,
               help="held-out share of the training rows when --val is not given.")

@@ -33,7 +33,7 @@ from featx.linear import FastLogisticRegression
 from featx.metrics import evaluate, evaluate_batches, evaluate_store, scores, write_report
 from featx.online import batch_rows
 from featx.sources import stratified_holdout
-from featx.store import FeatureStore, check_provenance, nonfinite
+from featx.store import FeatureStore, check_provenance, nonfinite, tap_label, taps_of
 from featx.stream import Part, RowStream
 
 SEARCH_TOL = 3e-4  # L-BFGS gradient tolerance while walking the regularisation path
@@ -48,7 +48,7 @@ class FitResult:
     fit_seconds: float = 0.0
     out_of_core: bool = False
     convergence: dict | None = None  # out of core: epochs of the final fit, converged or not
-    tap: str | None = None  # fit_file: the tap fitted on
+    tap: str | None = None  # fit_file: the tap fitted on (combined taps: joined by +)
     report_dir: Path | None = None  # fit_file: where the validation report went (None: no validation)
 
     @property
@@ -112,7 +112,8 @@ def check_finite(X: np.ndarray, what: str) -> None:
 
 def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_val=None,
                val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
-               seed: int = 0, refit: bool = True, report: bool = True, classes: list[str] | None = None) -> FitResult:
+               seed: int = 0, refit: bool = True, report: bool = True, classes: list[str] | None = None,
+               blocks: tuple[int, ...] | None = None) -> FitResult:
     """Select hyper-parameters on a held-out split and fit the final pipeline.
 
     Args:
@@ -129,6 +130,9 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
         report: compute the full validation metrics of the selected model (per class,
             confusion matrix); without it only the search's accuracies are kept.
         classes: the class names (they name a class that is too small in the error).
+        blocks: the widths of combined taps side by side in ``X`` (``--tap A --tap B``);
+            a standardising pipeline scales every column on its own anyway, knn scales each
+            tap's part of a row to unit length (:func:`featx.knn.unit_rows`).
     """
     t0 = time.perf_counter()
     X = np.asarray(X, dtype=np.float32)
@@ -136,9 +140,10 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     check_finite(X, "the training features")
     spec = spec_of(clf)
     grid = spec.grid if search == "auto" else ({} if search == "none" else search)
+    fixed = _fixed(spec, blocks)
     if not grid and X_val is None:
         check_class_sizes(clf, y, classes)
-        pipe = make_classifier(clf, n_samples=len(X), class_weight=class_weight, seed=seed)
+        pipe = make_classifier(clf, n_samples=len(X), class_weight=class_weight, seed=seed, **fixed)
         pipe.fit(X, y, **fit_params(clf, class_weight, y))
         return FitResult(pipe, {}, [], None, time.perf_counter() - t0)
     if X_val is None:
@@ -153,7 +158,8 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     points = _grid_points(grid) or [{}]
     val_metrics = None
     if spec.neighbours:
-        rows, best_pipe, val_metrics = _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed)
+        rows, best_pipe, val_metrics = _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed,
+                                                         fixed)
     elif spec.path_in_memory and set(grid) <= {spec.regularisation}:
         rows, best_pipe = _logreg_path(X_tr, y_tr, X_val, y_val, sorted(p.get("C", 1.0) for p in points),
                                        class_weight)
@@ -165,13 +171,19 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     pipe = best_pipe
     if refit:
         X_all, y_all = np.concatenate([X_tr, X_val]), np.concatenate([y_tr, y_val])
-        pipe = make_classifier(clf, n_samples=len(X_all), class_weight=class_weight, seed=seed, **best["params"])
+        pipe = make_classifier(clf, n_samples=len(X_all), class_weight=class_weight, seed=seed, **best["params"],
+                               **fixed)
         extra = fit_params(clf, class_weight, y_all)
         if spec.warm_refit:  # start from the selected solution: a few iterations suffice
             lr = best_pipe.named_steps["clf"]
             extra.update(clf__coef_init=lr.coef_, clf__intercept_init=lr.intercept_)
         pipe.fit(X_all, y_all, **extra)
     return FitResult(pipe, best["params"], rows, val_metrics, time.perf_counter() - t0)
+
+
+def _fixed(spec, blocks: tuple[int, ...] | None) -> dict:
+    """Parameters that are not searched: knn's tap widths when taps are combined."""
+    return {"blocks": tuple(int(b) for b in blocks)} if spec.neighbours and blocks and len(blocks) > 1 else {}
 
 
 def _grid_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed):
@@ -188,11 +200,11 @@ def _grid_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed):
     return rows, best_pipe
 
 
-def _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed):
+def _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed, fixed):
     """kNN: one neighbour search with the largest k scores every grid point, and gives the
     validation metrics of the best (no second search)."""
     t = time.perf_counter()
-    pipe = make_classifier(clf, n_samples=len(X_tr), class_weight=class_weight, seed=seed).fit(X_tr, y_tr)
+    pipe = make_classifier(clf, n_samples=len(X_tr), class_weight=class_weight, seed=seed, **fixed).fit(X_tr, y_tr)
     knn = pipe.named_steps["clf"]
     full = [{**knn.get_params(), **p} for p in points]
     sims, labels = knn.neighbours(pipe[:-1].transform(X_val), max(int(p["k"]) for p in full))
@@ -201,7 +213,7 @@ def _neighbour_search(clf, X_tr, y_tr, X_val, y_val, points, class_weight, seed)
     seconds = (time.perf_counter() - t) / len(points)
     rows = [{"params": p, "val_accuracy": acc, "seconds": seconds} for p, acc in zip(points, accs)]
     i = int(np.argmax(accs))  # the first of equals: the order of the grid
-    best = make_classifier(clf, n_samples=len(X_tr), seed=seed, **points[i]).fit(X_tr, y_tr)
+    best = make_classifier(clf, n_samples=len(X_tr), seed=seed, **points[i], **fixed).fit(X_tr, y_tr)
     return rows, best, scores(y_val, knn.classes_[probas[i].argmax(1)], knn.classes_, probas[i])
 
 
@@ -236,13 +248,14 @@ def buffer_rows_for(budget: int, width: int) -> int:
     return int(max(256, min(1 << 17, budget // (3 * 4 * max(width, 1)))))
 
 
-def fit_out_of_core(store: FeatureStore, tap: str | None = None, clf: str = "logreg", val: FeatureStore | None = None,
+def fit_out_of_core(store: FeatureStore, tap: str | tuple[str, ...] | None = None, clf: str = "logreg", val: FeatureStore | None = None,
                     val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
                     seed: int = 0, memory_budget: int | None = None, rows: np.ndarray | None = None,
                     val_rows: np.ndarray | None = None) -> FitResult:
     """:func:`fit_arrays`' protocol on features larger than memory, streamed from the file.
 
     ``rows`` and ``val_rows`` (boolean masks) leave rows of the files out (``--drop-nonfinite``).
+    ``tap`` may be a tuple of taps, read side by side.
 
     The same hold-out (the same rows as in memory, or the ``val`` file), the same grid,
     then a refit on train + validation with the selected value.  Each fit streams
@@ -299,6 +312,7 @@ def _neighbours_out_of_core(store, tap, clf, val, val_fraction, grid, class_weig
     classes = np.unique(np.concatenate([y if rows is None else y[rows]] +
                                        ([val.labels if val_rows is None else val.labels[val_rows]] if val else [])))
     make_classifier(clf, class_weight=class_weight)  # refuses class weights before reading anything
+    fixed = _fixed(spec_of(clf), tuple(store.dim(t) for t in tap) if isinstance(tap, tuple) else None)
     block = buffer_rows_for(budget, store.dim(tap))
     everything = [Part(store, tap, rows)] + ([Part(val, tap, val_rows)] if val is not None else [])
     kept = sum(int(p.mask().sum()) for p in everything) * store.dim(tap) * 2
@@ -311,9 +325,9 @@ def _neighbours_out_of_core(store, tap, clf, val, val_fraction, grid, class_weig
         n = int(sum(p.mask().sum() for p in parts))
         unit, labels, at = np.empty((n, store.dim(tap)), np.float16), np.empty(n, np.int64), 0
         for X, yb in RowStream(parts, block, seed=seed).sequential():
-            unit[at:at + len(X)], labels[at:at + len(X)] = unit_rows(X), yb
+            unit[at:at + len(X)], labels[at:at + len(X)] = unit_rows(X, fixed.get("blocks")), yb
             at += len(X)
-        pipe = make_classifier(clf, n_samples=n, seed=seed, **params)
+        pipe = make_classifier(clf, n_samples=n, seed=seed, **params, **fixed)
         pipe.named_steps["clf"].set_params(dtype="float16").keep_rows(unit, labels, classes)
         return pipe
 
@@ -412,12 +426,29 @@ def default_budget() -> int:
         return 4 << 30
 
 
-def open_val(path: str | os.PathLike, tap: str, provenance: dict) -> FeatureStore:
+def chosen_taps(store: FeatureStore, tap) -> str | tuple[str, ...]:
+    """What ``--tap`` names: the file's default tap (None or nothing given), one tap, or a
+    tuple of taps to combine (``--tap A --tap B``, a repeat counted once); each must be in the file."""
+    if tap is None or (not isinstance(tap, str) and not tap):
+        return store.default_tap
+    taps = (tap,) if isinstance(tap, str) else tuple(dict.fromkeys(tap))
+    for t in taps:
+        store.dataset(t)  # the sentence naming the file's taps
+    return taps[0] if len(taps) == 1 else taps
+
+
+def require_taps(store: FeatureStore, taps: tuple[str, ...], what: str, why: str) -> None:
+    """Refuse a file that lacks one of ``taps``, saying which and what the file has."""
+    missing = [t for t in taps if t not in store.taps]
+    if missing:
+        raise FeatxError(f"{what} has no tap {missing[0]!r}, {why}; it has: {', '.join(store.taps)}.")
+
+
+def open_val(path: str | os.PathLike, tap: str | tuple[str, ...], provenance: dict) -> FeatureStore:
     """Open a validation feature file, refusing one made differently from the training features."""
     val = FeatureStore(path)
     try:
-        if tap not in val.taps:
-            raise FeatxError(f"--val {path} has no tap {tap!r}; it has: {', '.join(val.taps)}.")
+        require_taps(val, tap if isinstance(tap, tuple) else (tap,), f"--val {path}", "which the training file has")
         check_provenance(provenance, val.provenance(tap), f"--val {path}")
     except BaseException:
         val.close()
@@ -425,7 +456,7 @@ def open_val(path: str | os.PathLike, tap: str, provenance: dict) -> FeatureStor
     return val
 
 
-def fit_store(store: FeatureStore, tap: str | None = None, clf: str = "logreg", val_path=None,
+def fit_store(store: FeatureStore, tap: str | tuple[str, ...] | None = None, clf: str = "logreg", val_path=None,
               val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
               seed: int = 0, memory_budget: int | None = None, log=None, drop_nonfinite: bool = False) -> FitResult:
     """``featx fit`` on an open feature file: in memory when the tap's features fit
@@ -433,13 +464,15 @@ def fit_store(store: FeatureStore, tap: str | None = None, clf: str = "logreg", 
 
     Args:
         store: the training features.
-        tap: the stored tap to fit on (default: the file's default tap).
+        tap: the stored tap to fit on (default: the file's default tap), or a tuple of taps
+            to combine side by side.
         val_path: a validation feature file (checked against the training features).
         log: called with one sentence when the fit goes out of core, or rows are dropped.
         drop_nonfinite: leave out rows with nan or inf features (saying how many) instead
             of refusing the file.
     """
-    tap = tap or store.default_tap
+    tap = chosen_taps(store, tap)
+    blocks = tuple(store.dim(t) for t in tap) if isinstance(tap, tuple) else None
     budget = memory_budget if memory_budget is not None else default_budget()
     log = log or (lambda text: None)
     val = open_val(val_path, tap, store.provenance(tap)) if val_path else None
@@ -461,7 +494,8 @@ def fit_store(store: FeatureStore, tap: str | None = None, clf: str = "logreg", 
             keep = _finite_rows(val, tap, nonfinite(Xv), drop_nonfinite, log)
             if keep is not None:
                 Xv, yv = Xv[keep], yv[keep]
-        return fit_arrays(X, y, clf, Xv, yv, val_fraction, search, class_weight, seed, classes=store.classes)
+        return fit_arrays(X, y, clf, Xv, yv, val_fraction, search, class_weight, seed, classes=store.classes,
+                          blocks=blocks)
     finally:
         if val is not None:
             val.close()
@@ -474,7 +508,7 @@ def _finite_rows(store: FeatureStore, tap: str, bad: np.ndarray, drop: bool, log
         return None
     if not drop:
         raise store.nonfinite_error(tap, bad, "or pass --drop-nonfinite to fit on the other rows")
-    log(f"{store.path}: leaving out {len(bad)} of {len(store)} rows whose {tap} features are not finite "
+    log(f"{store.path}: leaving out {len(bad)} of {len(store)} rows whose {tap_label(tap)} features are not finite "
         f"(the first: {store.ids_at([bad[0]])[0]}).")
     keep = np.ones(len(store), bool)
     keep[bad] = False
@@ -484,21 +518,23 @@ def _finite_rows(store: FeatureStore, tap: str, bad: np.ndarray, drop: bool, log
 # ----------------------------------------------------------------------------- the commands
 
 
-def fit_file(features: str | os.PathLike, out: str | os.PathLike, clf: str = "logreg", tap: str | None = None,
+def fit_file(features: str | os.PathLike, out: str | os.PathLike, clf: str = "logreg",
+             tap: str | tuple[str, ...] | None = None,
              val_path=None, val_fraction: float = 0.2, search: str | dict = "auto", class_weight: str | None = None,
              memory_budget: int | None = None, seed: int = 0, report_dir=None, use_pickle: bool = False,
              drop_nonfinite: bool = False, log=None, knn_dtype: str = "float32") -> FitResult:
     """``featx fit``: fit on a feature file (:func:`fit_store`), save the bundle with the
     features' provenance, and write the validation report (default ``<out>-report/``).
     Both output locations are checked before the fit: no bundle without its report.
-    ``knn_dtype``: how ``--clf knn`` keeps its training rows in the bundle."""
+    ``knn_dtype``: how ``--clf knn`` keeps its training rows in the bundle.  ``tap``: one
+    tap, or several combined (the bundle records each: predict extracts them all)."""
     if knn_dtype != "float32" and clf != "knn":
         raise FeatxError(f"--knn-dtype is for --clf knn (the model that keeps its training rows), not --clf {clf}.")
     report_dir = Path(report_dir or os.path.splitext(str(out))[0] + "-report")
     check_output(out, what="--out")
     check_output(report_dir, folder=True, what="--report")
     with FeatureStore(features) as store:
-        tap = tap or store.default_tap
+        tap = chosen_taps(store, tap)
         prov = store.provenance(tap)
         result = fit_store(store, tap, clf, val_path, val_fraction, search, class_weight, seed, memory_budget, log,
                            drop_nonfinite)
@@ -508,9 +544,9 @@ def fit_file(features: str | os.PathLike, out: str | os.PathLike, clf: str = "lo
             "features_file": os.path.abspath(features), "out_of_core": result.out_of_core,
             "convergence": result.convergence}
     bundle.save(out, result.pipeline, meta, use_pickle=use_pickle)
-    result.tap = tap
+    result.tap = tap_label(tap)
     if result.val_metrics:
-        write_report(report_dir, {"clf": clf, "tap": tap, "params": result.params, "search": result.search,
+        write_report(report_dir, {"clf": clf, "tap": result.tap, "params": result.params, "search": result.search,
                                   "fit_seconds": result.fit_seconds, "out_of_core": result.out_of_core,
                                   "convergence": result.convergence, "metrics": result.val_metrics,
                                   "split": "validation"}, prov["classes"])
@@ -526,11 +562,10 @@ def evaluate_file(model: str | os.PathLike, features: str | os.PathLike, report_
     if report_dir:
         check_output(report_dir, folder=True, what="--report")
     b = bundle.load(model, allow_pickle=allow_pickle)
-    tap = b.meta["tap"]
+    taps = taps_of(b.meta)
+    tap = taps[0] if len(taps) == 1 else taps
     with FeatureStore(features) as store:
-        if tap not in store.taps:
-            raise FeatxError(f"{features} has no tap {tap!r}, which the model was trained on; it has "
-                             f"{', '.join(store.taps)}.")
+        require_taps(store, taps, str(features), "which the model was trained on")
         check_provenance(b.meta, store.provenance(tap), str(features))
         if (store.labels < 0).any():
             raise FeatxError(f"{features} has unlabeled rows; evaluate needs labels (use predict instead).")

@@ -28,9 +28,20 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def unit_rows(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 length (a zero row stays zero), as float32."""
+def unit_rows(X: np.ndarray, blocks: tuple[int, ...] | None = None) -> np.ndarray:
+    """Rows scaled to unit L2 length (a zero row stays zero), as float32.
+
+    ``blocks``: the widths of taps side by side (``fit --tap A --tap B``): each tap's part
+    of a row is scaled to unit length on its own, then the row by 1/sqrt(taps), so the
+    cosine of two rows is the mean of their taps' cosines: a wide tap weighs no more than a
+    narrow one."""
     X = np.asarray(X, dtype=np.float32)
+    if blocks and len(blocks) > 1:
+        if sum(blocks) != X.shape[1]:
+            raise ValueError(f"blocks {blocks} do not add up to the {X.shape[1]} features")
+        edges = np.cumsum((0,) + tuple(blocks))
+        return np.concatenate([unit_rows(X[:, a:b]) for a, b in zip(edges[:-1], edges[1:])], axis=1) \
+            / np.float32(np.sqrt(len(blocks)))
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     return X / np.maximum(norms, 1e-12)
 
@@ -44,15 +55,18 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
         temperature: DINO's T.
         dtype: how the training rows are kept: ``float32`` or ``float16``.
         block_rows: rows of each block of queries and of training rows multiplied at once.
+        blocks: widths of combined taps, each scaled to unit length on its own
+            (:func:`unit_rows`); None: one.
     """
 
     def __init__(self, k: int = 20, vote: str = "temperature", temperature: float = 0.07, dtype: str = "float32",
-                 block_rows: int = 4096):
+                 block_rows: int = 4096, blocks: tuple[int, ...] | None = None):
         self.k = k
         self.vote = vote
         self.temperature = temperature
         self.dtype = dtype
         self.block_rows = block_rows
+        self.blocks = blocks
 
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], reset=True)
@@ -64,12 +78,12 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16; got {self.dtype!r}")
         self.classes_, yi = np.unique(y, return_inverse=True)
-        self.train_ = unit_rows(X).astype(self.dtype, copy=False)  # unit_rows made the copy
+        self.train_ = unit_rows(X, self.blocks).astype(self.dtype, copy=False)  # unit_rows made the copy
         self.train_labels_ = yi.astype(np.int64)
         return self
 
     def keep_rows(self, unit: np.ndarray, y: np.ndarray, classes: np.ndarray) -> "CosineKNN":
-        """Fit on rows already scaled to unit length (:func:`unit_rows`), kept as they are,
+        """Fit on rows already scaled to unit length (:func:`unit_rows` with :attr:`blocks`), kept as they are,
         of any dtype: out of core, featx reads them block by block into float16."""
         self.classes_ = np.asarray(classes)
         self.n_features_in_ = unit.shape[1]
@@ -95,7 +109,7 @@ class CosineKNN(ClassifierMixin, BaseEstimator):
         sims, idx = np.empty((len(X), k), np.float32), np.empty((len(X), k), np.int64)
         with torch.inference_mode():
             for qs in range(0, len(X), b):
-                q = torch.from_numpy(unit_rows(X[qs:qs + b])).to(dev)
+                q = torch.from_numpy(unit_rows(X[qs:qs + b], self.blocks)).to(dev)
                 best_s = torch.full((len(q), 0), -2.0, device=dev)
                 best_i = torch.zeros((len(q), 0), dtype=torch.int64, device=dev)
                 for ts in range(0, len(self.train_), b):

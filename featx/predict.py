@@ -73,8 +73,11 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
         return predict_with_network(model, inputs, batch_size, workers, device, compile)
     b = bundle_io.load(model, allow_pickle=allow_pickle)
     m = b.meta
-    config = ExtractConfig(backbone=m["backbone"], weights=_weights_for(m, weights), layers=(m["layer"],),
-                           pools=(m["pool"],), preprocessing=m.get("preprocessing"), batch_size=batch_size,
+    wanted = [(t["layer"], t["pool"]) for t in (m.get("taps") or [m])]  # combined taps: all in one pass
+    config = ExtractConfig(backbone=m["backbone"], weights=_weights_for(m, weights),
+                           layers=tuple(dict.fromkeys(layer for layer, _ in wanted)),
+                           pools=tuple(dict.fromkeys(pool for _, pool in wanted)),
+                           preprocessing=m.get("preprocessing"), batch_size=batch_size,
                            workers=workers, device=device, seed=m.get("weights_seed") or 0, compile=compile,
                            tta=m.get("tta", "none"))
     source = _open_inputs(inputs)
@@ -82,7 +85,12 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
     if m.get("weights_sha256") and extractor.weights.sha256 != m["weights_sha256"]:
         raise FeatxError(f"weights {extractor.weights.id} (sha256 {extractor.weights.sha256[:12]}) are not the ones "
                          f"the model was trained with (sha256 {m['weights_sha256'][:12]}).")
-    tap = next(iter(extractor.taps))
+    made = {how: name for name, how in extractor.taps.items()}
+    if any(how not in made for how in wanted):
+        layer, pool = next(how for how in wanted if how not in made)
+        raise FeatxError(f"this featx cannot make the model's tap {layer} with pooling {pool} on these images' "
+                         "preprocessing; extract and fit again.")
+    taps = [made[how] for how in wanted]
 
     def classify(X):
         if X.shape[1] != m["dim"]:
@@ -92,12 +100,12 @@ def predict_images(model: str, inputs: list[str], weights: str | None = None, ba
             return [b.classes[int(c)] for c in b.pipeline.classes_], proba
         return None, [b.classes[int(c)] for c in b.pipeline.predict(X)]
 
-    return _classify_all(source, extractor, tap, b.classes, classify)
+    return _classify_all(source, extractor, taps, b.classes, classify)
 
 
-def _classify_all(source, extractor, tap: str, classes: list[str], classify) -> PredictResult:
-    """Extract ``tap`` with the runner's loop (no writer, no cache) and turn ``classify(X)``
-    into rows in source order.
+def _classify_all(source, extractor, taps: list[str], classes: list[str], classify) -> PredictResult:
+    """Extract ``taps`` with the runner's loop (no writer, no cache), side by side, and turn
+    ``classify(X)`` into rows in source order.
 
     ``classify`` returns (column class names, probabilities) or (None, predicted names).
     """
@@ -108,7 +116,7 @@ def _classify_all(source, extractor, tap: str, classes: list[str], classify) -> 
         for r in compute(source, extractor, [range(s, min(s + step, n)) for s in range(0, n, step)]):
             good = sorted(r.rows)
             if good:
-                names, out = classify(np.stack([r.rows[i][tap] for i in good]))
+                names, out = classify(np.stack([np.concatenate([r.rows[i][t] for t in taps]) for i in good]))
                 for k, i in enumerate(good):
                     if names is None:
                         pred, probs = out[k], None
@@ -143,7 +151,7 @@ def predict_with_network(weights_file: str, inputs, batch_size=None, workers=Non
         p = np.exp(scores - scores.max(1, keepdims=True))
         return meta["classes"], p / p.sum(1, keepdims=True)
 
-    return _classify_all(source, extractor, logits, meta["classes"], classify)
+    return _classify_all(source, extractor, [logits], meta["classes"], classify)
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV

@@ -757,7 +757,10 @@ class FeatureStore:
     def __len__(self) -> int:
         return int(self._f["labels"].shape[0])
 
-    def dim(self, tap: str | None = None) -> int:
+    def dim(self, tap: str | tuple[str, ...] | None = None) -> int:
+        """The width of a tap, or of several combined (their sum)."""
+        if isinstance(tap, tuple):
+            return sum(self.dim(t) for t in tap)
         return int(self.dataset(tap).shape[1])
 
     def dataset(self, tap: str | None = None) -> h5py.Dataset:
@@ -767,8 +770,12 @@ class FeatureStore:
             raise FeatxError(f"{self.path} has no tap {tap!r}; it has: {', '.join(self.taps)}.")
         return self._f["taps"][tap]
 
-    def features(self, tap: str | None = None, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Features of one tap as float32 (all rows, or the given rows)."""
+    def features(self, tap: str | tuple[str, ...] | None = None,
+                 rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Features of one tap as float32 (all rows, or the given rows); of a tuple of taps,
+        their features side by side (``featx fit --tap A --tap B``)."""
+        if isinstance(tap, tuple):
+            return np.concatenate([self.features(t, rows) for t in tap], axis=1)
         ds = self.dataset(tap)
         if rows is None:
             return ds[...].astype(np.float32, copy=False)
@@ -780,7 +787,10 @@ class FeatureStore:
         return ds[rows].astype(np.float32, copy=False)
 
     def nonfinite_rows(self, tap: str | None = None, chunk_rows: int = 16384) -> np.ndarray:
-        """Indices of the rows whose features of ``tap`` hold a nan or inf (read chunk by chunk)."""
+        """Indices of the rows whose features of ``tap`` (or of any of a tuple of taps) hold a
+        nan or inf (read chunk by chunk)."""
+        if isinstance(tap, tuple):
+            return functools.reduce(np.union1d, [self.nonfinite_rows(t, chunk_rows) for t in tap])
         ds = self.dataset(tap)
         bad = [s + nonfinite(ds[s:s + chunk_rows]) for s in range(0, ds.shape[0], chunk_rows)]
         return np.concatenate(bad) if bad else np.zeros(0, np.int64)
@@ -788,7 +798,7 @@ class FeatureStore:
     def nonfinite_error(self, tap: str, bad: np.ndarray, remedy: str) -> FeatxError:
         """The sentence that refuses rows with nan or inf features: the file, the tap, the
         first row (by id) and how many."""
-        first = int(bad[0])
+        first, tap = int(bad[0]), tap_label(tap)
         return FeatxError(f"{self.path}: {len(bad)} of {len(self)} rows have non-finite {tap} features (nan or inf), "
                           f"the first row {first} ({self.ids_at([first])[0]}); extract them again (a float16 file "
                           f"overflows above 65504: use --dtype float32), {remedy}.")
@@ -803,9 +813,9 @@ class FeatureStore:
         held as float32 on disk (HALF_STORAGE); else the dataset's own."""
         return np.dtype(self.attrs.get("feature_dtype") or self.dataset().dtype)
 
-    def nbytes(self, tap: str | None = None) -> int:
-        ds = self.dataset(tap)
-        return int(ds.shape[0]) * int(ds.shape[1]) * 4
+    def nbytes(self, tap: str | tuple[str, ...] | None = None) -> int:
+        """Bytes of the features of ``tap`` (or of a tuple of taps) as float32."""
+        return len(self) * self.dim(tap) * 4
 
     @property
     def labels(self) -> np.ndarray:
@@ -833,13 +843,32 @@ class FeatureStore:
         dec = lambda s: s.decode() if isinstance(s, bytes) else s  # noqa: E731
         return [(dec(a), dec(b)) for a, b in zip(ids, reasons)]
 
-    def provenance(self, tap: str) -> dict:
-        """How one tap's features were made: what a model trained on them needs again."""
+    def provenance(self, tap: str | tuple[str, ...]) -> dict:
+        """How one tap's features were made: what a model trained on them needs again.  Of a
+        tuple of taps: the file's part, ``tap`` the taps joined by ``+``, ``dim`` their sum,
+        and ``taps``, each tap's own (name, layer, pool, dim) in order."""
+        if isinstance(tap, tuple):
+            each = [self.provenance(t) for t in tap]
+            return {**each[0], "tap": tap_label(tap), "layer": None, "pool": None, "dim": sum(p["dim"] for p in each),
+                    "taps": [{k: p[k] for k in TAP_KEYS} for p in each]}
         a, ti = self.attrs, self.tap_info(tap)
         return {"backbone": a.get("backbone"), "weights": a.get("weights"), "weights_sha256": a.get("weights_sha256"),
                 "weights_path": a.get("weights_path", ""), "weights_seed": a.get("weights_seed"), "tap": tap, "layer": ti.get("layer"),
                 "pool": ti.get("pool"), "preprocessing": a.get("preprocessing"), "dim": self.dim(tap),
                 "tta": a.get("tta", "none"), "classes": self.classes}
+
+
+TAP_KEYS = ("tap", "layer", "pool", "dim")  # what a model records of each of its taps
+
+
+def tap_label(tap: str | tuple[str, ...] | None) -> str | None:
+    """How a tap, or a tuple of taps combined, is named to the user: ``A+B``."""
+    return "+".join(tap) if isinstance(tap, tuple) else tap
+
+
+def taps_of(provenance: dict) -> tuple[str, ...]:
+    """The stored taps a model was fitted on, in order (one, or several combined)."""
+    return tuple(t["tap"] for t in provenance["taps"]) if provenance.get("taps") else (provenance["tap"],)
 
 
 def nonfinite(X: np.ndarray) -> np.ndarray:
@@ -858,6 +887,11 @@ def check_provenance(expected: dict, got: dict, what: str) -> None:
         if a is not None and b is not None and str(a) != str(b):
             raise FeatxError(f"{what} does not match the model: {key} is {b!r} there but the model was "
                              f"trained on {key} {a!r}.")
+    for e, g in zip(expected.get("taps") or [], got.get("taps") or []):  # combined taps: each one
+        for key in ("layer", "pool", "dim"):
+            if str(e[key]) != str(g[key]):
+                raise FeatxError(f"{what} does not match the model: tap {e['tap']}'s {key} is {g[key]!r} there but "
+                                 f"the model was trained on {key} {e[key]!r}.")
     a, b = expected.get("classes"), got.get("classes")
     if a and b and list(a) != list(b):
         raise FeatxError(f"{what} has classes {list(b)[:5]}... but the model knows {list(a)[:5]}..., so their label "

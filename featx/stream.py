@@ -27,7 +27,7 @@ class Part:
     """Rows of one feature file that belong to the stream."""
 
     store: FeatureStore
-    tap: str
+    tap: str | tuple[str, ...]  # a tuple: several taps side by side
     rows: np.ndarray | None = None  # bool mask over the file's rows; None: all rows
 
     def mask(self) -> np.ndarray:
@@ -52,10 +52,11 @@ class RowStream:
         self.parts, self.batch_size, self.seed, self.transform = parts, batch_size, seed, transform
         self._masks = [part.mask() for part in parts]
         self._labels = [part.store.labels for part in parts]  # small: 8 bytes a row, read once
-        self._datasets = [part.store.dataset(part.tap) for part in parts]
+        self._datasets = [[part.store.dataset(t) for t in (part.tap if isinstance(part.tap, tuple) else (part.tap,))]
+                          for part in parts]
         self.blocks: list[tuple[int, int, int]] = []  # (part, first row, end row)
-        for p, ds in enumerate(self._datasets):
-            chunk = ds.chunks[0] if ds.chunks else len(ds)
+        for p, sets in enumerate(self._datasets):
+            chunk = min(ds.chunks[0] if ds.chunks else len(ds) for ds in sets)
             step = block_rows or max(32, buffer_rows // 64)
             step = max(1, min(step, chunk))  # blocks tile each chunk, none straddles two
             mask = self._masks[p]
@@ -76,7 +77,8 @@ class RowStream:
         xs, ys = [], []
         for p, s, e in sorted(blocks):  # file order within a buffer: sequential reads
             keep = self._masks[p][s:e]
-            x = self._datasets[p][s:e].astype(np.float32, copy=False)
+            taps = [ds[s:e].astype(np.float32, copy=False) for ds in self._datasets[p]]
+            x = taps[0] if len(taps) == 1 else np.concatenate(taps, axis=1)
             xs.append(x if keep.all() else x[keep])
             ys.append(self._labels[p][s:e][keep])
         X, y = np.concatenate(xs), np.concatenate(ys)

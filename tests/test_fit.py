@@ -143,7 +143,7 @@ def test_cli_fit_with_a_val_file_checks_it_first(tmp_path, run_cli):
     assert r.exit_code == 1 and "label numbers mean different classes" in r.stderr
     other_tap = write_store(tmp_path / "tap.h5", X[400:], y[400:], ["a", "b", "c"], tap="features.3")
     r = run_cli("fit", tr, "--val", other_tap, "--out", tmp_path / "m3.skops")
-    assert r.exit_code == 1 and "has no tap 'features'; it has: features.3." in r.stderr
+    assert r.exit_code == 1 and "has no tap 'features', which the training file has; it has: features.3." in r.stderr
     assert not (tmp_path / "m2.skops").exists() and not (tmp_path / "m3.skops").exists()
 
 
