@@ -526,6 +526,8 @@ def predict(model, inputs, out, sheet, weights, batch_size, workers, device, com
 @click.option("--val-fraction", type=FiniteFloat(0.01, 0.9), default=0.2, show_default=True,
               help="stratified, seeded share of the training images held out when there is no validation split.")
 @click.option("--max-per-class", type=click.IntRange(min=1), default=None, help="subsample for a quick survey.")
+@click.option("--flip/--no-flip", default=True, show_default=True,
+              help="from images: extract the best tap and combination again with --tta flip and probe them.")
 @root_option
 @image_size_option
 @batch_option
@@ -535,12 +537,19 @@ def predict(model, inputs, out, sheet, weights, batch_size, workers, device, com
 @seed_option
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="output directory.")
 def sweep(data, train_path, val_path, backbone, weights, taps, pools, train_split, val_split, val_fraction,
-          max_per_class, root, image_size, batch_size, workers, device, compile_mode, seed, out):
-    """Probe every tap x pooling with a linear classifier; table, plot and advice in OUT."""
+          max_per_class, flip, root, image_size, batch_size, workers, device, compile_mode, seed, out):
+    """Probe every tap x pooling with a linear classifier and kNN, then the best taps combined
+    and flip-averaged; tables, plot and advice in OUT."""
     from featx import sweep as sw
 
     def show(row):
-        click.echo(f"  {row.tap:28s} dim {row.dim:6d}  val acc {row.val_accuracy:.4f}  ({row.fit_seconds:.1f}s)")
+        if isinstance(row, sw.ProbeRow):
+            click.echo(f"  {row.tap:28s} dim {row.dim:6d}  val acc {row.val_accuracy:.4f}  knn "
+                       f"{row.knn_accuracy:.4f}  ({row.fit_seconds:.1f}s)")
+        else:
+            flipped = " (flip)" if row.tta == "flip" else ""
+            click.echo(f"  {row.taps + flipped:28s} dim {row.dim:6d}  val acc {row.val_accuracy:.4f}  knn "
+                       f"{row.knn_accuracy:.4f}  ({row.fit_seconds:.1f}s)")
 
     if (data is None) == (train_path is None):
         raise FeatxError("give either DATA (images) or --train FEATURES.h5, not both or neither.")
@@ -549,12 +558,12 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, train_spli
                                     val_split, max_per_class, image_size, root, seed,
                                     {"batch_size": batch_size, "workers": workers, "device": device,
                                      "compile": compile_mode},
-                                    progress=show, val_fraction=val_fraction, log=_say)
+                                    progress=show, val_fraction=val_fraction, log=_say, flip=flip)
     else:
         _, advice = sw.sweep_files(train_path, val_path, out, list(taps), max_per_class, val_fraction, seed,
                                    progress=show)
     click.echo("\n".join(advice))
-    click.echo(f"table: {out}/sweep.csv, plot: {out}/accuracy_by_depth.png")
+    click.echo(f"tables: {out}/sweep.csv, {out}/combined.csv; plot: {out}/accuracy_by_depth.png")
 
 
 # -- fine-tuning --------------------------------------------------------------------------

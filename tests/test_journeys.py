@@ -129,6 +129,13 @@ def test_sweep_on_a_plain_class_folder(photos, tmp_path, run_cli):
     with FeatureStore(tmp_path / "sweep" / "features_train.h5") as tr, \
             FeatureStore(tmp_path / "sweep" / "features_val.h5") as va:
         assert len(tr) == 18 and len(va) == 6 and not set(tr.ids) & set(va.ids)
+    # the tricks on the best: two and three layers combined, flip averaging of the best tap and pair
+    combos = list(csv.DictReader(open(tmp_path / "sweep" / "combined.csv")))
+    assert [(row["taps"].count("+"), row["tta"]) for row in combos] == [(0, "none"), (1, "none"), (2, "none"),
+                                                                        (0, "flip"), (1, "flip")]
+    assert all(float(row["seconds_per_image"]) > 0 for row in combos)
+    with FeatureStore(tmp_path / "sweep" / "features_train_flip.h5") as fl:
+        assert fl.attrs["tta"] == "flip" and combos[3]["taps"] in fl.taps and len(fl) == 18
     # the features it kept are ready for `featx fit --tap`
     best = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"][0]["tap"]
     ok(run_cli("fit", tmp_path / "sweep" / "features_train.h5", "--tap", best, "--val",
