@@ -260,11 +260,9 @@ def trick_advice(rows: list[ProbeRow], combos: list[ComboRow]) -> list[str]:
         knn = max(rows, key=lambda r: (r.knn_accuracy or 0, -r.depth))
         lines.append(f"kNN (no training, `--clf knn`) on {best.tap}: {best.knn_accuracy:.4f}; its best tap is "
                      f"{knn.tap} ({knn.knn_accuracy:.4f}).")
-    base = next((c for c in combos if c.taps == best.tap and c.tta == "none"), None)
+    base = combos[0] if combos else None  # the best tap as the file holds it
     base_time = base.seconds_per_image if base else None
-    for c in combos:
-        if c.taps == best.tap and c.tta == "none":
-            continue
+    for c in combos[1:]:
         taps = c.taps.split("+")
         what = (f"{len(taps)} taps combined ({' + '.join(taps)})" if len(taps) > 1 else f"{c.taps}") + \
             (" with flip averaging" if c.tta == "flip" else "")
@@ -276,11 +274,10 @@ def trick_advice(rows: list[ProbeRow], combos: list[ComboRow]) -> list[str]:
         verdict = "worth its cost" if gain >= WORTH else f"not worth its cost (under {WORTH} gained)"
         lines.append(f"{what}: {c.val_accuracy:.4f} ({gain:+.4f} over the best single tap; kNN {c.knn_accuracy:.4f}); "
                      f"cost: {', '.join(cost)}: {verdict}.")
-    tried = [c for c in combos if not (c.taps == best.tap and c.tta == "none")]
-    top = max(tried, key=lambda c: c.val_accuracy, default=None)
+    top = max(combos[1:], key=lambda c: c.val_accuracy, default=None)
     if top is not None and top.val_accuracy - best.val_accuracy >= WORTH:
         flags = " ".join(f"--tap {t}" for t in top.taps.split("+"))
-        lines.append("Best: " + ("extract with --tta flip, then " if top.tta == "flip" else "") +
+        lines.append("Best trick: " + ("extract with --tta flip, then " if top.tta == "flip" else "") +
                      f"featx fit FEATURES.h5 {flags}")
     return lines
 
@@ -330,9 +327,10 @@ def sweep_features(train, val, out: str | os.PathLike, taps: list[str] | None = 
     layer = {r.tap: r.layer for r in found}
     reach = list(dict.fromkeys([best.layer] + [layer[t] for taps_ in sets for t in taps_]))
     per_image = speed(reach, "none") if speed else {}
-    combos = [ComboRow(best.tap, "none", best.dim, best.val_accuracy, best.knn_accuracy, best.C, best.fit_seconds, 0,
+    made = a.get("tta", "none")  # how the file's features were made (a --train file may be flipped already)
+    combos = [ComboRow(best.tap, made, best.dim, best.val_accuracy, best.knn_accuracy, best.C, best.fit_seconds, 0,
                        per_image.get(best.layer))]
-    combos += combine(train, val, found, sets, rows, val_fraction, seed, progress, "none", per_image)
+    combos += combine(train, val, found, sets, rows, val_fraction, seed, progress, made, per_image)
     if flip is not None:
         top = max(combos[1:], key=lambda c: c.val_accuracy, default=None)
         flip_sets = [(best.tap,)] + ([tuple(top.taps.split("+"))] if top else [])

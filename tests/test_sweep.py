@@ -69,7 +69,7 @@ def test_sweep_combines_taps_that_each_see_half_of_the_label(tmp_path, run_cli):
     assert any(name.count("+") == 2 for name in combos) and all(row["tta"] == "none" for row in combos.values())
     assert "2 taps combined" in r.stdout and "worth its cost." in r.stdout
     first, second = pair["taps"].split("+")
-    assert f"Best: featx fit FEATURES.h5 --tap {first} --tap {second}" in r.stdout
+    assert f"Best trick: featx fit FEATURES.h5 --tap {first} --tap {second}" in r.stdout
 
 
 def test_sweep_refuses_a_val_file_with_other_classes_or_taps(tmp_path, run_cli):
