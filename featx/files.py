@@ -197,6 +197,15 @@ def _mb(n: int) -> str:
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+def size_text(n: int) -> str:
+    """Bytes as the user reads them, the inverse of :func:`parse_size`: ``"512 MB"``, ``"20 KB"``
+    (a size under 1 MB no longer reads as 0 MB)."""
+    for unit, name in (("g", "GB"), ("m", "MB"), ("k", "KB")):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.3g} {name}"
+    return f"{n} bytes"
+
+
 def parse_size(text: str, option: str = "--memory-budget") -> int:
     """``"512MB"``, ``"4G"``, ``"1.5GiB"`` or a number of bytes -> bytes (at least 1)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())

@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from featx.classifiers import fit_params, make_classifier, make_online_classifier, spec_of
 from featx import bundle
 from featx.errors import FeatxError
-from featx.files import check_output
+from featx.files import check_output, size_text
 from featx.knn import unit_rows
 from featx.linear import FastLogisticRegression
 from featx.metrics import evaluate, evaluate_batches, evaluate_store, scores, write_report
@@ -317,8 +317,8 @@ def _neighbours_out_of_core(store, tap, clf, val, val_fraction, grid, class_weig
     everything = [Part(store, tap, rows)] + ([Part(val, tap, val_rows)] if val is not None else [])
     kept = sum(int(p.mask().sum()) for p in everything) * store.dim(tap) * 2
     if kept > budget:
-        raise FeatxError(f"--clf knn keeps every training row in the model: {kept >> 20} MB of them as float16 exceed "
-                         f"the memory budget of {budget >> 20} MB; raise --memory-budget if the memory is there, or "
+        raise FeatxError(f"--clf knn keeps every training row in the model: {size_text(kept)} of them as float16 "
+                         f"exceed the memory budget of {size_text(budget)}; raise --memory-budget if the memory is there, or "
                          "use another --clf.")
 
     def fitted(parts, params):
@@ -478,7 +478,7 @@ def fit_store(store: FeatureStore, tap: str | tuple[str, ...] | None = None, clf
     val = open_val(val_path, tap, store.provenance(tap)) if val_path else None
     try:
         if store.nbytes(tap) > budget:
-            log(f"{store.nbytes(tap) >> 20} MB of features exceed the memory budget of {budget >> 20} MB: "
+            log(f"{size_text(store.nbytes(tap))} of features exceed the memory budget of {size_text(budget)}: "
                 "fitting out of core (mini-batches streamed from the file).")
             rows = _finite_rows(store, tap, store.nonfinite_rows(tap), drop_nonfinite, log)
             val_rows = _finite_rows(val, tap, val.nonfinite_rows(tap), drop_nonfinite, log) if val is not None else None

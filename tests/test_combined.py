@@ -124,3 +124,23 @@ def test_unit_rows_by_tap_give_the_mean_cosine():
     np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1, atol=1e-6)
     with pytest.raises(ValueError, match="do not add up"):
         CosineKNN(blocks=(5, 39)).fit(np.c_[a, b], [0, 1])
+
+
+def test_a_nonfinite_row_in_any_combined_tap_is_refused_or_dropped(tmp_path, run_cli):
+    from test_sweep import store_with_taps
+
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], 40)
+    a = (rng.normal(size=(80, 4)) + 3 * y[:, None]).astype(np.float32)
+    b = rng.normal(size=(80, 6)).astype(np.float32)
+    b[7, 2] = np.nan  # only the second tap is bad, in one row
+    path = store_with_taps(tmp_path / "f.h5", {"l1@avg": a, "l2@avg": b}, y, ["x", "y"])
+    both = ["--tap", "l1@avg", "--tap", "l2@avg"]
+    r = run_cli("fit", path, *both, "--out", tmp_path / "m.skops")
+    assert r.exit_code == 1 and "1 of 80 rows have non-finite l1@avg+l2@avg features" in r.stderr
+    assert "the first row 7 (i7)" in r.stderr and not (tmp_path / "m.skops").exists()
+    r = ok(run_cli("fit", path, *both, "--drop-nonfinite", "--out", tmp_path / "m.skops"))
+    assert "leaving out 1 of 80 rows whose l1@avg+l2@avg features are not finite" in r.stdout
+    r = run_cli("evaluate", tmp_path / "m.skops", path)
+    assert r.exit_code == 1 and "non-finite l1@avg+l2@avg features" in r.stderr
+    ok(run_cli("fit", path, "--tap", "l1@avg", "--out", tmp_path / "one.skops"))  # the good tap alone is fine

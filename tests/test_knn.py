@@ -79,8 +79,8 @@ def test_knn_refuses_class_weights_and_rows_beyond_the_budget_even_as_float16(tm
         assert r.exit_code == 1 and "--clf knn has no class weights" in r.stderr
     r = run_cli("fit", path, "--clf", "knn", "--memory-budget", "100B", "--out", tmp_path / "m.skops")
     assert r.exit_code == 1 and "Traceback" not in r.output
-    assert ("--clf knn keeps every training row in the model: 0 MB of them as float16 exceed the memory budget of "
-            "0 MB") in r.stderr
+    assert ("--clf knn keeps every training row in the model: 240 bytes of them as float16 exceed the memory budget "
+            "of 100 bytes") in r.stderr  # 60 rows x 2 features x 2 bytes
     assert not (tmp_path / "m.skops").exists()
 
 
