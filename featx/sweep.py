@@ -322,12 +322,26 @@ def sweep_features(train, val, out: str | os.PathLike, taps: list[str] | None = 
     except FeatxError:  # a backbone featx cannot build here: no block numbering for --unfreeze
         blocks = None
     found = probe(train, val, taps, rows, val_fraction, seed, progress)
+    combos = tricks(train, val, found, rows, val_fraction, seed, progress, speed, flip)
+    n_train = n_train or len(train)
+    advice = recommend(found, n_train, len(train.classes), backbone, data, blocks) + trick_advice(found, combos)
+    write_outputs(out, found, advice, {"backbone": backbone, "weights": a.get("weights"),
+                                       "features": {"train": str(train.path), "val": str(val.path) if val else None},
+                                       "n_train": n_train, "classes": train.classes}, combos)
+    return found, advice
+
+
+def tricks(train, val, found: list[ProbeRow], rows: np.ndarray | None = None, val_fraction: float = 0.2, seed: int = 0,
+           progress=None, speed=None, flip=None) -> list[ComboRow]:
+    """The tricks on the probes' winners: first the best tap as it is (the baseline), then
+    :func:`combo_sets` combined, then with ``flip`` the best tap and the best combination
+    flip-averaged (``speed`` and ``flip`` as :func:`sweep_features` takes them)."""
     best = max(found, key=lambda r: (r.val_accuracy, -r.depth))
     sets = combo_sets(found)
     layer = {r.tap: r.layer for r in found}
-    reach = list(dict.fromkeys([best.layer] + [layer[t] for taps_ in sets for t in taps_]))
+    reach = list(dict.fromkeys([best.layer] + [layer[t] for taps in sets for t in taps]))
     per_image = speed(reach, "none") if speed else {}
-    made = a.get("tta", "none")  # how the file's features were made (a --train file may be flipped already)
+    made = train.attrs.get("tta", "none")  # how the file's features were made (a --train file may be flipped)
     combos = [ComboRow(best.tap, made, best.dim, best.val_accuracy, best.knn_accuracy, best.C, best.fit_seconds, 0,
                        per_image.get(best.layer))]
     combos += combine(train, val, found, sets, rows, val_fraction, seed, progress, made, per_image)
@@ -335,14 +349,9 @@ def sweep_features(train, val, out: str | os.PathLike, taps: list[str] | None = 
         top = max(combos[1:], key=lambda c: c.val_accuracy, default=None)
         flip_sets = [(best.tap,)] + ([tuple(top.taps.split("+"))] if top else [])
         per_image = speed(reach, "flip") if speed else {}
-        with flip(list(dict.fromkeys(t for taps_ in flip_sets for t in taps_))) as (ftrain, fval):
+        with flip(list(dict.fromkeys(t for taps in flip_sets for t in taps))) as (ftrain, fval):
             combos += combine(ftrain, fval, found, flip_sets, rows, val_fraction, seed, progress, "flip", per_image)
-    n_train = n_train or len(train)
-    advice = recommend(found, n_train, len(train.classes), backbone, data, blocks) + trick_advice(found, combos)
-    write_outputs(out, found, advice, {"backbone": backbone, "weights": a.get("weights"),
-                                       "features": {"train": str(train.path), "val": str(val.path) if val else None},
-                                       "n_train": n_train, "classes": train.classes}, combos)
-    return found, advice
+    return combos
 
 
 def block_taps(backbone: str) -> list[str]:

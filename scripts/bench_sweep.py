@@ -34,7 +34,10 @@ def main() -> None:
     if a.train is None:
         a.train, a.test = fashion_features(ROOT / "cache" / "bench_sweep", [f"features.{i}" for i in range(19)],
                                            ("avg", "grid2"))
+    from dataclasses import replace
+
     from featx import sweep as sw
+    from featx.extractor import ExtractConfig
     from featx.fit import fit_arrays
     from featx.metrics import evaluate
     from featx.store import FeatureStore
@@ -51,12 +54,17 @@ def main() -> None:
             sweep_s = saved.get("seconds")
         else:
             rows = sw.probe(tr, None, rows=rows_idx, progress=lambda r: print(
-                f"  {r.tap:22s} dim {r.dim:5d}  val acc {r.val_accuracy:.4f}", flush=True))
+                f"  {r.tap:22s} dim {r.dim:5d}  val acc {r.val_accuracy:.4f}  knn {r.knn_accuracy:.4f}", flush=True))
             sweep_s = time.perf_counter() - t0
+        t = time.perf_counter()
+        cfg = ExtractConfig(backbone="mobilenet_v2", weights="IMAGENET1K_V1", image_size=96, batch_size=32)
+        combos = sw.tricks(tr, None, rows, rows_idx,
+                           speed=lambda layers, tta: sw.forward_seconds(replace(cfg, tta=tta), layers))
+        tricks_s = time.perf_counter() - t
         advice = sw.recommend(rows, len(tr), len(tr.classes), "mobilenet_v2", "torchvision:FashionMNIST",
-                              sw.block_taps("mobilenet_v2"))
+                              sw.block_taps("mobilenet_v2")) + sw.trick_advice(rows, combos)
         sw.write_outputs(out, rows, advice, {"backbone": "mobilenet_v2", "n_train": len(tr),
-                                             "probe_rows": len(rows_idx), "seconds": sweep_s})
+                                             "probe_rows": len(rows_idx), "seconds": sweep_s}, combos)
     print("\n".join(advice))
     best = max(rows, key=lambda r: r.val_accuracy)
 
@@ -75,10 +83,12 @@ def main() -> None:
     layers = list(dict.fromkeys(r.layer for r in rows))
     pools = list(dict.fromkeys(r.pool for r in rows))
     acc = {(r.layer, r.pool): r for r in rows}
-    table = ["| tap | depth | " + " | ".join(f"{p} (dim, val acc)" for p in pools) + " |",
+    table = ["| tap | depth | " + " | ".join(f"{p} (dim, logreg, knn)" for p in pools) + " |",
              "|---|---:|" + "---:|" * len(pools)]
     for i, layer in enumerate(layers):
-        cells = [f"{acc[(layer, p)].dim}, {acc[(layer, p)].val_accuracy:.4f}" if (layer, p) in acc else "" for p in pools]
+        cells = [f"{acc[(layer, p)].dim}, {acc[(layer, p)].val_accuracy:.4f}, "
+                 + (f"{acc[(layer, p)].knn_accuracy:.4f}" if acc[(layer, p)].knn_accuracy is not None else "—")
+                 if (layer, p) in acc else "" for p in pools]
         table.append(f"| {layer} | {i} | " + " | ".join(cells) + " |")
     fin = ["| classifier | selected | test accuracy | fit time |", "|---|---|---:|---:|"]
     for clf, params, ac, s in finals:
@@ -87,12 +97,20 @@ def main() -> None:
 ## Which layer: `featx sweep` on Fashion-MNIST (scripts/bench_sweep.py)
 
 mobilenet_v2 with ImageNet weights (IMAGENET1K_V1), 96 px, every block x {{avg, grid2}} in
-one pass. Probe: featx's logistic regression with its C search, trained on
-{a.max_per_class} images per class ({int(len(rows_idx) * 0.8)} rows) and scored on a 20 % hold-out of
-that subsample; {len(rows)} probes {f"in {sweep_s:.0f} s" if sweep_s else "(time not recorded: table reused from an earlier run)"}. Machine: {machine()}.
+one pass. Probes: featx's logistic regression with its C search, and kNN with its k and
+vote search, trained on {a.max_per_class} images per class ({int(len(rows_idx) * 0.8)} rows) and scored on a 20 % hold-out of
+that subsample; {len(rows)} taps {f"in {sweep_s:.0f} s" if sweep_s else "(time not recorded: table reused from an earlier run)"}, then the
+best two and three layers combined in {tricks_s:.0f} s (forward times measured on random
+images, batch 32). Machine: {machine()}.
 The table's plot: `cache/sweep_fashion_mnist/accuracy_by_depth.png` after a run.
 
 {chr(10).join(table)}
+
+The tricks (`combined.csv`; flip averaging needs the images, so this run from feature files has none):
+
+| taps | dims | logreg | knn | forward / image |
+|---|---:|---:|---:|---:|
+{chr(10).join(f"| {c.taps} | {c.dim} | {c.val_accuracy:.4f} | {c.knn_accuracy:.4f} | {1000 * c.seconds_per_image:.2f} ms |" for c in combos)}
 
 Recommendation printed by the sweep:
 
