@@ -312,7 +312,7 @@ def _neighbours_out_of_core(store, tap, clf, val, val_fraction, grid, class_weig
     classes = np.unique(np.concatenate([y if rows is None else y[rows]] +
                                        ([val.labels if val_rows is None else val.labels[val_rows]] if val else [])))
     make_classifier(clf, class_weight=class_weight)  # refuses class weights before reading anything
-    fixed = _fixed(spec_of(clf), tuple(store.dim(t) for t in tap) if isinstance(tap, tuple) else None)
+    fixed = _fixed(spec_of(clf), store.blocks(tap))
     block = buffer_rows_for(budget, store.dim(tap))
     everything = [Part(store, tap, rows)] + ([Part(val, tap, val_rows)] if val is not None else [])
     kept = sum(int(p.mask().sum()) for p in everything) * store.dim(tap) * 2
@@ -472,7 +472,6 @@ def fit_store(store: FeatureStore, tap: str | tuple[str, ...] | None = None, clf
             of refusing the file.
     """
     tap = chosen_taps(store, tap)
-    blocks = tuple(store.dim(t) for t in tap) if isinstance(tap, tuple) else None
     budget = memory_budget if memory_budget is not None else default_budget()
     log = log or (lambda text: None)
     val = open_val(val_path, tap, store.provenance(tap)) if val_path else None
@@ -495,7 +494,7 @@ def fit_store(store: FeatureStore, tap: str | tuple[str, ...] | None = None, clf
             if keep is not None:
                 Xv, yv = Xv[keep], yv[keep]
         return fit_arrays(X, y, clf, Xv, yv, val_fraction, search, class_weight, seed, classes=store.classes,
-                          blocks=blocks)
+                          blocks=store.blocks(tap))
     finally:
         if val is not None:
             val.close()

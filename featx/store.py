@@ -763,6 +763,10 @@ class FeatureStore:
             return sum(self.dim(t) for t in tap)
         return int(self.dataset(tap).shape[1])
 
+    def blocks(self, tap: str | tuple[str, ...] | None) -> tuple[int, ...] | None:
+        """The widths of taps combined side by side (a tuple of taps); None for one tap."""
+        return tuple(self.dim(t) for t in tap) if isinstance(tap, tuple) else None
+
     def dataset(self, tap: str | None = None) -> h5py.Dataset:
         """The h5py dataset of a tap (lazy; slice it to read rows)."""
         tap = tap or self.default_tap

@@ -135,12 +135,11 @@ class Split:
         """`featx fit`'s logistic regression (its C search) and kNN (its k and vote search) on
         the split: their results and the logistic regression's seconds."""
         Xtr, ytr, Xva, yva = self.arrays(tap)
-        blocks = tuple(self.train.dim(t) for t in tap) if isinstance(tap, tuple) else None
         t0 = time.perf_counter()
         lr = fit_arrays(Xtr, ytr, "logreg", Xva, yva, search="auto", seed=self.seed, refit=False, report=False)
         seconds = time.perf_counter() - t0
         knn = fit_arrays(Xtr, ytr, "knn", Xva, yva, search="auto", seed=self.seed, refit=False, report=False,
-                         blocks=blocks)
+                         blocks=self.train.blocks(tap))
         return lr, knn, seconds
 
 
