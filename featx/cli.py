@@ -608,16 +608,20 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, train_spli
               help="decay of a moving average of the weights, validated and exported instead (default 0: off).")
 @click.option("--tta", type=click.Choice(["none", "flip"]), default=None,
               help="flip: validate (and predict) on each image's and its mirror's mean logits (default none).")
+@click.option("--progressive", type=click.IntRange(min=1), default=None, metavar="PX",
+              help="progressive resizing: train the first epoch at PX pixels, growing in 8-pixel steps to the image "
+              "size by the last epoch; validation and export use the image size (default: the image size throughout).")
 @seed_option
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="run directory.")
 def finetune(data, split, val_split, val_fraction, root, backbone, weights, unfreeze, head, epochs, warmup_epochs, lr,
              backbone_lr_mult, optimizer, label_smoothing, augment, image_size, batch_size, workers, device,
-             compile_mode, recipe, schedule, ema, tta, seed, resume, out):
+             compile_mode, recipe, schedule, ema, tta, progressive, seed, resume, out):
     """Fine-tune BACKBONE on DATA: a new head, plus the last N blocks (or all)."""
     from featx.finetune import RECIPES, FinetuneConfig, finetune_data
 
-    given = {k: v for k, v in (("schedule", schedule), ("ema", ema), ("tta", tta)) if v is not None}
+    given = {k: v for k, v in (("schedule", schedule), ("ema", ema), ("tta", tta), ("progressive", progressive))
+             if v is not None}
     config = FinetuneConfig(backbone=backbone, weights=weights, unfreeze=unfreeze, head=head, epochs=epochs,
                             warmup_epochs=warmup_epochs, lr=lr, backbone_lr_mult=backbone_lr_mult,
                             optimizer=optimizer, label_smoothing=label_smoothing, augment=augment,

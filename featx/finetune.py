@@ -9,7 +9,8 @@ BatchNorm layers among them stay in eval mode so their running statistics do not
 
 The head alone is trained first for ``warmup_epochs`` (as fastai's ``fine_tune`` does),
 then the chosen blocks join with learning rate ``lr * backbone_lr_mult``; one cosine
-schedule spans all steps.  Every epoch writes metrics, a checkpoint to resume from, and,
+(or one-cycle) schedule spans all steps.  With ``progressive``, early epochs train on the
+batches resized down (progressive resizing); the last epoch and validation use the full size.  Every epoch writes metrics, a checkpoint to resume from, and,
 when validation accuracy improves, the exported weights that ``featx extract --weights``
 and ``featx predict`` accept.  Shuffling and augmentation are functions of (seed, epoch,
 image), so a resumed run repeats exactly what an uninterrupted one does.
@@ -54,7 +55,8 @@ ONECYCLE_START = 0.04  # ... from this fraction of its peak (1/25, as PyTorch's 
 RECIPES = {"fast": {"schedule": "onecycle", "ema": 0.999, "tta": "flip"}}
 # fields added after runs were first checkpointed: left out of a run's settings while they
 # hold these defaults, so an older run resumes
-NEWER_DEFAULTS = {"schedule": "cosine", "ema": 0.0, "tta": "none"}
+NEWER_DEFAULTS = {"schedule": "cosine", "ema": 0.0, "tta": "none", "progressive": None}
+PROGRESSIVE_STEP = 8  # --progressive: training sizes are the start size plus multiples of this
 
 
 @dataclass
@@ -84,6 +86,8 @@ class FinetuneConfig:
     # what is validated and exported
     tta: str = "none"  # flip: validation, and the exported network in predict, average each image's
     # logits with its mirror image's
+    progressive: int | None = None  # progressive resizing: the first epoch trains at this many pixels,
+    # growing to the image size by the last epoch (which, and validation, run at the image size)
 
 
 def transforms(pre: Preprocess, augment: str | bool):
@@ -166,6 +170,18 @@ def _check(train: Source, val: Source | None, c: FinetuneConfig) -> None:
         raise FeatxError(f"--tta {c.tta!r} is not one of {', '.join(TTAS)}.")
     if not (math.isfinite(c.ema) and 0 <= c.ema < 1):
         raise FeatxError(f"--ema {c.ema} is out of range; use 0 (off) or a decay in (0, 1) such as 0.999.")
+    if c.progressive is not None and c.progressive < PROGRESSIVE_STEP:
+        raise FeatxError(f"--progressive {c.progressive} is too small; start at {PROGRESSIVE_STEP} pixels or more.")
+
+
+def train_sizes(start: int | None, full: int, epochs: int) -> list[int]:
+    """The square size each epoch trains at: ``full`` throughout, or (progressive resizing)
+    from ``start`` growing linearly to ``full`` in steps of PROGRESSIVE_STEP pixels, the last
+    epoch at ``full``. Few distinct sizes, so a compiled step is traced only a few times."""
+    if start is None or epochs < 2:
+        return [full] * epochs
+    return [min(full, start + PROGRESSIVE_STEP * int((full - start) * e / (epochs - 1) / PROGRESSIVE_STEP + 0.5))
+            for e in range(epochs - 1)] + [full]
 
 
 @contextlib.contextmanager
@@ -177,6 +193,23 @@ def seeded(seed: int, device: torch.device):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def _check_size(model: nn.Module, start: int, full: int, backbone: str) -> None:
+    """Refuse a progressive start size above the image size, or one the network cannot take
+    (a transformer made for one size), before any training."""
+    if start > full:
+        raise FeatxError(f"--progressive {start} is larger than the image size {full}; start smaller, or give a "
+                         "larger --image-size.")
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, start, start, device=next(model.parameters()).device))
+    except Exception as e:  # noqa: BLE001 - one sentence, before any training
+        raise FeatxError(f"--progressive {start}: {backbone} does not take {start} px images ({root_cause(e)}); "
+                         "leave --progressive out.") from None
+    finally:
+        model.train(was)
 
 
 class Diverged(FeatxError):
@@ -193,6 +226,9 @@ class Trainer:
         bk = adapters.backbone(c.backbone)
         model, weights = bk.load(bk.resolve_weights(c.weights, c.seed))
         self.pre = adapters.preprocessing(bk, weights, c.image_size)
+        self.sizes = train_sizes(c.progressive, self.pre.crop, c.epochs)
+        if c.progressive is not None:
+            _check_size(model, c.progressive, self.pre.crop, c.backbone)
         self.classes = list(train.classes)
         with seeded(c.seed, self.device):  # the new head's initialisation
             self.head: Head = bk.replace_head(model, len(self.classes), c.head, c.hidden, c.dropout)
@@ -273,7 +309,7 @@ class Trainer:
             return self._train_epoch(epoch, step, head_only, max_steps)
 
     def _train_epoch(self, epoch: int, step: int, head_only: bool, max_steps: int | None) -> tuple[dict, int]:
-        c = self.config
+        c, size = self.config, self.sizes[epoch]
         loss_sum, correct, n = 0.0, 0, 0
         for x, good, _ in self.train_loader:
             if x is None:
@@ -284,14 +320,14 @@ class Trainer:
             y = torch.as_tensor(self.train_src.labels[good], device=self.device)
             self.opt.zero_grad(set_to_none=True)
             try:
-                logits, loss = self._step(x, y)
+                logits, loss = self._step(x, y, size)
             except Exception as e:  # noqa: BLE001 - a compiler failure: this step again, eagerly
                 if self.forward is self.model:
                     raise
                 warnings.warn(f"compiling the training step failed ({root_cause(e)}); training eagerly.", stacklevel=2)
                 self.forward = self.model
                 self.opt.zero_grad(set_to_none=True)
-                logits, loss = self._step(x, y)
+                logits, loss = self._step(x, y, size)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise Diverged(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}")
@@ -307,12 +343,19 @@ class Trainer:
                 break
         row = {"epoch": epoch + 1, "phase": "head" if head_only else f"unfreeze {c.unfreeze}",
                "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
+        if c.progressive is not None:
+            row["train_size"] = size
         return row, step
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward of one batch; returns the logits and the loss."""
+    def _step(self, x: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one batch, resized to ``size`` pixels (progressive
+        resizing) if it is not that size already; returns the logits and the loss."""
+        x = self.normalize(x)
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                          align_corners=False).contiguous(memory_format=torch.channels_last)
         with self._autocast(), strict_recompiles():
-            logits = self.forward(self.normalize(x))
+            logits = self.forward(x)
             loss = self.loss_fn(logits.float(), y)
         self.scaler.scale(loss).backward()
         return logits, loss
@@ -352,7 +395,8 @@ class Trainer:
         meta = {"backbone": c.backbone, "num_classes": len(self.classes), "classes": self.classes, "head": c.head,
                 "hidden": c.hidden, "head_module": self.head.module, "logits_module": self.head.logits,
                 "preprocessing": self.pre.to_json(), "unfreeze": c.unfreeze, "epoch": row["epoch"],
-                "val_acc": row.get("val_acc"), "base_weights": c.weights, "tta": c.tta, "ema": c.ema}
+                "val_acc": row.get("val_acc"), "base_weights": c.weights, "tta": c.tta, "ema": c.ema,
+                "progressive": c.progressive}
         save_finetuned(out, self.evaluated.state_dict(), meta)
 
     def checkpoint(self) -> dict:
@@ -419,7 +463,8 @@ def finetune(train: Source, val: Source | None, out: str | os.PathLike, config: 
         row["seconds"] = time.perf_counter() - t0
         row["images_per_s"] = len(train) / row["seconds"]
         history.append(row)
-        log(f"epoch {epoch + 1}/{c.epochs} [{row['phase']}] train loss {row['train_loss']:.4f} acc "
+        at = f", {row['train_size']} px" if "train_size" in row else ""
+        log(f"epoch {epoch + 1}/{c.epochs} [{row['phase']}{at}] train loss {row['train_loss']:.4f} acc "
             f"{row['train_acc']:.4f}" + (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
                                           if val is not None else "") + f" ({row['seconds']:.0f}s)")
         score = row.get("val_acc", epoch)

@@ -245,3 +245,88 @@ def test_recipe_options_out_of_range_are_one_sentence(image_tree, tmp_path, opti
     with pytest.raises(FeatxError, match=said.replace("(", r"\(")):
         finetune(folder_source(image_tree, "train"), None, tmp_path / "x", cfg(**{option: value}))
     assert not (tmp_path / "x").exists()
+
+
+def test_progressive_sizes_grow_in_steps_to_the_image_size():
+    from featx.finetune import train_sizes
+
+    assert train_sizes(48, 64, 7) == [48, 48, 56, 56, 56, 64, 64]
+    assert train_sizes(64, 96, 5) == [64, 72, 80, 88, 96]
+    assert train_sizes(50, 64, 3) == [50, 58, 64]  # steps of 8 from the start size
+    assert train_sizes(None, 64, 3) == [64, 64, 64] and train_sizes(48, 64, 1) == [64]
+
+
+def test_progressive_training_sees_small_images_first_and_resumes_exactly(image_tree, tmp_path, run_cli):
+    """--progressive 16 at --image-size 32 over 3 epochs: the network trains on 16, 24 and 32 px
+    batches in turn and is validated at 32 px; a run killed after epoch 1 resumes at 24 px and
+    ends where an uninterrupted one does; the exported network extracts at 32 px."""
+    from featx.finetune import Trainer
+
+    seen = []
+    real_init = Trainer.__init__
+
+    def spying_init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+
+    train, val = folder_source(image_tree, "train"), folder_source(image_tree, "val")
+    run = cfg(unfreeze="1", epochs=3, progressive=16, compile="off")
+    import featx.finetune as ft
+
+    ft.Trainer.__init__ = spying_init
+    try:
+        r = finetune(train, val, tmp_path / "a", run)
+    finally:
+        ft.Trainer.__init__ = real_init
+    trained = [size for training, size in seen if training]
+    assert trained == [16] * 3 + [24] * 3 + [32] * 3  # 12 images in batches of 4, each epoch
+    assert {size for training, size in seen if not training} == {32}  # validation at the image size
+    assert [row["train_size"] for row in r["history"]] == [16, 24, 32]
+    finetune(train, val, tmp_path / "b", run, max_steps=3)
+    finetune(train, val, tmp_path / "b", run, resume=True)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    r = run_cli("extract", image_tree, "--split", "val", "-b", BACKBONE, "--weights", tmp_path / "a" / "backbone.pt",
+                "--out", tmp_path / "f.h5")
+    assert r.exit_code == 0, r.output
+    from featx.store import FeatureStore
+
+    with FeatureStore(tmp_path / "f.h5") as fs:
+        assert '"crop": 32' in fs.attrs["preprocessing"]
+
+
+def test_cli_progressive_prints_each_epochs_size_and_refuses_absurd_sizes(image_tree, tmp_path, run_cli):
+    common = ("--backbone", BACKBONE, "--weights", "none", "--image-size", "32", "--epochs", "2", "--unfreeze", "1",
+              "--warmup-epochs", "0", "--batch-size", "4", "--workers", "0")
+    r = run_cli("finetune", image_tree, *common, "--progressive", "24", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert "epoch 1/2 [unfreeze 1, 24 px]" in r.stdout and "epoch 2/2 [unfreeze 1, 32 px]" in r.stdout
+    for value, said in (("64", "--progressive 64 is larger than the image size 32"),
+                        ("4", "--progressive 4 is too small")):
+        r = run_cli("finetune", image_tree, *common, "--progressive", value, "--out", tmp_path / value)
+        assert r.exit_code == 1 and said in r.stderr and "Traceback" not in r.output, r.output
+        assert not (tmp_path / value).exists()
+
+
+def test_progressive_refuses_a_network_made_for_one_size():
+    from torch import nn
+
+    from featx.finetune import _check_size
+
+    class OneSize(nn.Module):  # as a transformer with a fixed position embedding
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            if x.shape[-1] != 32:
+                raise ValueError(f"Input width ({x.shape[-1]}) doesn't match model (32).")
+            return x * self.w
+
+    net = OneSize().train()
+    with pytest.raises(FeatxError, match=r"--progressive 16: vit does not take 16 px images \(.*doesn't match"):
+        _check_size(net, 16, 32, "vit")
+    assert net.training  # put back as it was
+    _check_size(net, 32, 32, "vit")
