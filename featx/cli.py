@@ -600,7 +600,7 @@ def sweep(data, train_path, val_path, backbone, weights, taps, pools, train_spli
               show_default=True, help="train through a compiled graph (torch.compile); auto: when the run trains "
               "on enough images (training images x epochs) to pay for compiling (docs: README).")
 @click.option("--recipe", type=click.Choice(["fast"]), default=None,
-              help="fast: --schedule onecycle --ema 0.999 --tta flip (what fast-training recipes add; measured in "
+              help="fast: --schedule onecycle --tta flip (what of fast-training recipes helped; measured in "
               "BENCHMARKS.md); an option given with it wins.")
 @click.option("--schedule", type=click.Choice(["cosine", "onecycle"]), default=None,
               help="learning rate: cosine over all steps (default), or onecycle (a rise over the first quarter).")

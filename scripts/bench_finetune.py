@@ -6,6 +6,10 @@ of the selected (exported) network on the 10,000 test images, wall time of the w
     python scripts/bench_finetune.py [--image-size 64 --epochs 6 --augment light --unfreeze all ...]
     python scripts/bench_finetune.py --throughput 6400 [--compile auto|on|off ...]
 
+``--parts`` scores an ended ``--recipe fast --ema 0.999`` run's last epoch part by part, without training:
+the test accuracy of the trained weights and of their moving average, each with and without
+flip-averaged logits (the checkpoint holds both sets of weights).
+
 ``--throughput N`` measures training speed only: three epochs over N training images with
 ``--compile off`` and ``on`` at the same settings, images/s of each epoch (the first one
 includes compiling; the ratio uses the mean of epochs 2 and 3).
@@ -54,9 +58,16 @@ def main() -> None:
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--throughput", type=int, default=0, help="measure training images/s on this many images")
     ap.add_argument("--recipe", choices=["fast"], default=None,
-                    help="featx finetune --recipe fast (onecycle, EMA of the weights, flip-averaged evaluation)")
+                    help="featx finetune --recipe fast (onecycle schedule, flip-averaged evaluation)")
+    ap.add_argument("--progressive", type=int, default=None, metavar="PX",
+                    help="featx finetune --progressive PX (progressive resizing from PX to --image-size)")
+    ap.add_argument("--ema", type=float, default=None, help="featx finetune --ema (with --recipe fast: as it was "
+                    "first measured, --ema 0.999)")
+    ap.add_argument("--parts", action="store_true",
+                    help="score the ended run's last epoch with and without each part of --recipe fast")
     a = ap.parse_args()
-    tag = f"{a.augment}_{a.epochs}ep" + (f"_{a.recipe}" if a.recipe else "")
+    tag = (f"{a.augment}_{a.epochs}ep" + (f"_{a.recipe}" if a.recipe else "")
+           + (f"_ema{a.ema:g}" if a.ema else "") + (f"_p{a.progressive}" if a.progressive else ""))
     a.out = a.out or ROOT / "cache" / f"finetune_fashion_mnist_{tag}"
     import subprocess
 
@@ -74,7 +85,10 @@ def main() -> None:
     cfg = FinetuneConfig(backbone="mobilenet_v2", weights="IMAGENET1K_V1", unfreeze=a.unfreeze, epochs=a.epochs,
                          warmup_epochs=a.warmup_epochs, lr=a.lr, backbone_lr_mult=a.backbone_lr_mult,
                          image_size=a.image_size, batch_size=a.batch_size, label_smoothing=a.label_smoothing,
-                         augment=a.augment, compile=a.compile, **RECIPES.get(a.recipe, {}))
+                         augment=a.augment, compile=a.compile, progressive=a.progressive,
+                         **{**RECIPES.get(a.recipe, {}), **({"ema": a.ema} if a.ema is not None else {})})
+    if a.parts:
+        return parts(a.out, test, tag)
     if a.throughput:
         return throughput(train, cfg, a.throughput)
     t0 = time.perf_counter()
@@ -88,14 +102,25 @@ def main() -> None:
     elapsed = 0.0
     for h in r["history"]:
         elapsed += h["seconds"] / 60
-        rows.append(f"| {h['epoch']} | {h['phase']} | {h['train_loss']:.4f} | {h['train_acc']:.4f} | "
+        phase = h["phase"] + (f", {h['train_size']} px" if "train_size" in h else "")
+        rows.append(f"| {h['epoch']} | {phase} | {h['train_loss']:.4f} | {h['train_acc']:.4f} | "
                     f"{h['val_loss']:.4f} | {h['val_acc']:.4f} | {h['seconds']:.0f} | {elapsed:.1f} |")
-    recipe = (f", `--recipe {a.recipe}` ({', '.join(f'{k} {v}' for k, v in RECIPES[a.recipe].items())}: validation "
-              "and the test pass score the moving average of the weights on flip-averaged logits)") if a.recipe else ""
-    update_section(f"bench_finetune_{tag}", f"""
-## `featx finetune` on Fashion-MNIST: `--augment {a.augment}`, {a.epochs} epochs{f", --recipe {a.recipe}" if a.recipe else ""} (scripts/bench_finetune.py)
+    if a.progressive:
+        from featx.finetune import train_sizes
 
-mobilenet_v2 from ImageNet weights (IMAGENET1K_V1), `--unfreeze {a.unfreeze}`, {a.image_size} px,
+        sizes = train_sizes(a.progressive, a.image_size, a.epochs)
+        size_text = (f"{a.image_size} px for validation and the last epoch; training sizes by epoch "
+                     f"(`--progressive {a.progressive}`): {', '.join(map(str, sizes))}")
+    else:
+        size_text = f"{a.image_size} px"
+    scored = "the moving average of the weights" if cfg.ema else "the network"
+    recipe = (f", `--recipe {a.recipe}` ({', '.join(f'{k} {v}' for k, v in RECIPES[a.recipe].items())}: validation "
+              f"and the test pass score {scored} on flip-averaged logits)") if a.recipe else ""
+    recipe += f", `--ema {a.ema:g}`" if a.ema else ""
+    update_section(f"bench_finetune_{tag}", f"""
+## `featx finetune` on Fashion-MNIST: `--augment {a.augment}`, {a.epochs} epochs{f", --recipe {a.recipe}" if a.recipe else ""}{f", --ema {a.ema:g}" if a.ema else ""}{f", --progressive {a.progressive}" if a.progressive else ""} (scripts/bench_finetune.py)
+
+mobilenet_v2 from ImageNet weights (IMAGENET1K_V1), `--unfreeze {a.unfreeze}`, {size_text},
 {a.epochs} epochs ({a.warmup_epochs} head-only), AdamW, head lr {a.lr:g}, backbone lr x {a.backbone_lr_mult:g},
 label smoothing {a.label_smoothing:g}, batch {a.batch_size}, `--augment {a.augment}`, `--compile {a.compile}`{recipe}; 55,000 training images,
 5,000 held out for model selection. Machine: {machine()}.
@@ -105,6 +130,48 @@ validation each epoch and the test pass). Exported (and tested) network: epoch {
 with the best validation accuracy.
 
 {chr(10).join(rows)}
+""")
+
+
+def parts(out: Path, test, tag: str) -> None:
+    """Test accuracy of the last epoch's trained weights and of their moving average, each
+    with and without flip averaging: what each part of --recipe fast gave (the schedule's
+    share is the rest of the difference to the plain run, which needs a run of its own)."""
+    import tempfile
+
+    import torch
+
+    from featx.weights import save_finetuned
+
+    ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    meta = json.loads((out / "backbone.json").read_text())
+    meta.pop("featx", None)
+    if "ema" not in ck:
+        raise SystemExit(f"{out} was trained without a moving average (--ema); nothing to take apart.")
+    weights = {"trained": ck["model"],
+               "moving average": {k.removeprefix("module."): v for k, v in ck["ema"].items() if k != "n_averaged"}}
+    acc = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, state in weights.items():
+            for tta in ("none", "flip"):
+                d = Path(tmp) / f"{name}_{tta}".replace(" ", "_")
+                d.mkdir()
+                save_finetuned(d, state, {**meta, "tta": tta})
+                acc[name, tta] = test_accuracy(d / "backbone.pt", test)
+                print(name, tta, f"{acc[name, tta]:.4f}", flush=True)
+    epoch = ck["epoch"] + 1
+    rows = "\n".join(f"| {name} | {acc[name, 'none']:.4f} | {acc[name, 'flip']:.4f} |" for name in weights)
+    update_section(f"bench_finetune_{tag}_parts", f"""
+### The parts of `--recipe fast`, taken apart (scripts/bench_finetune.py --parts, run {out.name})
+
+Test accuracy on the 10,000 Fashion-MNIST test images of the weights after epoch {epoch} of that
+run: the weights as trained, and their moving average (`--ema`, decay
+{meta.get("ema")}); each scored on plain logits and on flip-averaged ones (`--tta flip`). All
+four come from the same run, so the one-cycle schedule is in every cell. One run.
+
+| weights | plain logits | flip-averaged |
+|---|---:|---:|
+{rows}
 """)
 
 

@@ -180,8 +180,9 @@ def test_resuming_with_another_compile_setting_is_the_same_run(image_tree, tmp_p
 
 
 def test_recipe_fast_resumes_exactly_and_exports_the_moving_average(image_tree, tmp_path):
-    """--recipe fast's parts: the onecycle schedule, the moving average of the weights (what
-    is validated and exported, kept in the checkpoint) and flip-averaged validation."""
+    """The fast-training options together: the onecycle schedule, the moving average of the
+    weights (what is validated and exported, kept in the checkpoint) and flip-averaged
+    validation."""
     train, val = folder_source(image_tree, "train"), None  # no validation: the last epoch is exported
     fast = dict(unfreeze="1", schedule="onecycle", ema=0.9, tta="flip")
     finetune(train, val, tmp_path / "a", cfg(**fast))
@@ -295,6 +296,23 @@ def test_progressive_training_sees_small_images_first_and_resumes_exactly(image_
 
     with FeatureStore(tmp_path / "f.h5") as fs:
         assert '"crop": 32' in fs.attrs["preprocessing"]
+
+
+def test_recipe_fast_is_onecycle_and_flip_and_an_option_given_with_it_wins(image_tree, tmp_path, run_cli):
+    common = ("--backbone", BACKBONE, "--weights", "none", "--image-size", "32", "--epochs", "1", "--unfreeze", "1",
+              "--warmup-epochs", "0", "--batch-size", "4", "--workers", "0", "--recipe", "fast")
+    settings = {}
+    for name, extra in (("plain", ()), ("ema", ("--ema", "0.9", "--schedule", "cosine"))):
+        r = run_cli("finetune", image_tree, *common, *extra, "--out", tmp_path / name)
+        assert r.exit_code == 0, r.output
+        ck = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        settings[name] = json.loads(ck["config"])
+        settings[name]["has_average"] = "ema" in ck
+    assert settings["plain"]["schedule"] == "onecycle" and settings["plain"]["tta"] == "flip"
+    assert "ema" not in settings["plain"] and not settings["plain"]["has_average"]  # measured to hurt: left out
+    assert settings["ema"].get("schedule", "cosine") == "cosine"  # the default is left out of the record
+    assert settings["ema"]["ema"] == 0.9 and settings["ema"]["tta"] == "flip"
+    assert settings["ema"]["has_average"]
 
 
 def test_cli_progressive_prints_each_epochs_size_and_refuses_absurd_sizes(image_tree, tmp_path, run_cli):
