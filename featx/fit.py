@@ -139,7 +139,7 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
     _check_labels(y, "the training set")
     check_finite(X, "the training features")
     spec = spec_of(clf)
-    grid = spec.grid if search == "auto" else ({} if search == "none" else search)
+    grid = _grid_of(spec, search)
     fixed = _fixed(spec, blocks)
     if not grid and X_val is None:
         check_class_sizes(clf, y, classes)
@@ -179,6 +179,19 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, clf: str = "logreg", X_val=None, y_
             extra.update(clf__coef_init=lr.coef_, clf__intercept_init=lr.intercept_)
         pipe.fit(X_all, y_all, **extra)
     return FitResult(pipe, best["params"], rows, val_metrics, time.perf_counter() - t0)
+
+
+FIXED_PARAMS = {"blocks"}  # what _fixed sets: not a hyper-parameter a --grid may name
+
+
+def _grid_of(spec, search) -> dict:
+    """The grid to search: the classifier's own ("auto"), none, or the user's, which may not
+    name what featx sets itself."""
+    grid = spec.grid if search == "auto" else ({} if search == "none" else dict(search))
+    internal = set(grid) & FIXED_PARAMS
+    if internal:
+        raise FeatxError(f"unknown hyper-parameters for {spec.name}: {', '.join(sorted(internal))}.")
+    return grid
 
 
 def _fixed(spec, blocks: tuple[int, ...] | None) -> dict:
@@ -270,7 +283,7 @@ def fit_out_of_core(store: FeatureStore, tap: str | tuple[str, ...] | None = Non
     _check_labels(y if rows is None else y[rows], "the training set")
     budget = memory_budget if memory_budget is not None else default_budget()
     spec = spec_of(clf)
-    grid = spec.grid if search == "auto" else ({} if search == "none" else dict(search))
+    grid = _grid_of(spec, search)
     if spec.neighbours:
         return _neighbours_out_of_core(store, tap, clf, val, val_fraction, grid, class_weight, seed, budget, rows,
                                        val_rows, t0)

@@ -81,6 +81,17 @@ def test_a_file_without_one_of_the_taps_is_refused(files, tmp_path, run_cli):
     assert r.exit_code == 1 and "has no tap 'nope'" in r.stderr
 
 
+@pytest.mark.parametrize("budget", [[], ["--memory-budget", "16KB"]])
+def test_knn_tap_widths_are_not_a_grid_parameter(files, tmp_path, run_cli, budget):
+    """featx sets knn's tap widths from the taps; a --grid naming them is refused in one
+    sentence, in memory and out of core, for one tap and for two."""
+    for taps in (TAPS, ["--tap", "features.6"]):
+        r = run_cli("fit", files / "train.h5", "--clf", "knn", *taps, "--grid", "k=3;blocks=1,2", *budget,
+                    "--out", tmp_path / "k.skops")
+        assert r.exit_code == 1 and "unknown hyper-parameters for knn: blocks" in r.stderr, r.output
+        assert "Traceback" not in r.output and not (tmp_path / "k.skops").exists()
+
+
 def test_one_tap_repeated_is_one_tap(files, tmp_path, run_cli):
     model = tmp_path / "m.skops"
     r = ok(run_cli("fit", files / "train.h5", "--tap", "features.6", "--tap", "features.6", "--out", model))
