@@ -10,9 +10,10 @@ BatchNorm layers among them stay in eval mode so their running statistics do not
 The head alone is trained first for ``warmup_epochs`` (as fastai's ``fine_tune`` does),
 then the chosen blocks join with learning rate ``lr * backbone_lr_mult``; one cosine
 (or one-cycle) schedule spans all steps.  With ``progressive``, early epochs train on the
-batches resized down (progressive resizing); the last epoch and validation use the full size.  Every epoch writes metrics, a checkpoint to resume from, and,
-when validation accuracy improves, the exported weights that ``featx extract --weights``
-and ``featx predict`` accept.  Shuffling and augmentation are functions of (seed, epoch,
+batches resized down (progressive resizing); the last epoch and validation use the full
+size.  Every epoch writes metrics, a checkpoint to resume from, and, when validation
+accuracy improves, the exported weights that ``featx extract --weights`` and ``featx
+predict`` accept.  Shuffling and augmentation are functions of (seed, epoch,
 image), so a resumed run repeats exactly what an uninterrupted one does.
 """
 
