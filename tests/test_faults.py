@@ -370,8 +370,8 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_epoch(photos, tmp_path, r
 
     run, kept, real = tmp_path / "run", {}, ft.Trainer._step
 
-    def nan_from_epoch_2(self, x, y):  # 12 training images in batches of 4: epoch 2 starts at step 4
-        logits, loss = real(self, x, y)
+    def nan_from_epoch_2(self, x, y, size):  # 12 training images in batches of 4: epoch 2 starts at step 4
+        logits, loss = real(self, x, y, size)
         nan_from_epoch_2.steps += 1
         if nan_from_epoch_2.steps > 3:
             if not kept:  # what epoch 1 left
